@@ -1,0 +1,1 @@
+"""mdsens: sensitivities of mechanical equilibria by implicit differentiation."""

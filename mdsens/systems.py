@@ -1,0 +1,353 @@
+"""Particle systems: energies built from jax-md pair potentials.
+
+Every builder returns a :class:`System`. Its ``energy_fn(positions, params)``
+takes the parameters at call time, so any leaf of ``params`` can be
+differentiated. Pair parameters are stored per species (vectors of diameters,
+``S x S`` matrices of sigma and epsilon) and expanded to ``N x N`` pair
+matrices inside the energy, so derivatives flow back to the species entries.
+
+All energies here are all-pairs sums, O(N^2) in time and memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax_md import energy as jmd_energy
+from jax_md import smap, space
+
+from mdsens._checks import (
+    as_float64,
+    check_finite,
+    check_params,
+    check_positive,
+    require_x64,
+)
+
+Array = jax.Array
+Params = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    """A particle system: an energy with its parameters, space and a random start.
+
+    Attributes:
+        energy_fn: ``energy_fn(positions, params) -> scalar`` total energy.
+        params: dict of float64 arrays, the differentiable parameters.
+        shift_fn: jax-md shift, ``shift_fn(positions, displacement) -> positions``
+            (wraps into the box for periodic systems).
+        displacement_fn: jax-md displacement between two particles.
+        box: side lengths of the periodic box, shape ``(dim,)``; None in free space.
+        positions: a random starting configuration, shape ``(N, dim)``.
+        species: integer species of each particle, shape ``(N,)``.
+        dt_max: largest stable FIRE time step for this potential (pass it to
+            :func:`mdsens.relax`).
+    """
+
+    energy_fn: Callable[[Array, Params], Array]
+    params: Params
+    shift_fn: Callable[..., Array]
+    displacement_fn: Callable[..., Array]
+    box: Array | None
+    positions: Array
+    species: Array
+    dt_max: float
+
+    @property
+    def n(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.positions.shape[1]
+
+
+def _check_size(n: int, dim: int) -> None:
+    if not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n must be an integer >= 2; got {n!r}.")
+    if dim not in (2, 3):
+        raise ValueError(f"dim must be 2 or 3; got {dim!r}.")
+
+
+def _species_counts(n: int, fractions: Sequence[float]) -> np.ndarray:
+    """Split n particles by fractions, rounding so the counts add up to n."""
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if fractions.ndim != 1 or np.any(~np.isfinite(fractions)) or np.any(fractions < 0):
+        raise ValueError(f"fractions must be finite and non-negative; got {fractions}.")
+    if not np.isclose(fractions.sum(), 1.0):
+        raise ValueError(f"fractions must add up to 1; got sum {fractions.sum()}.")
+    counts = np.floor(fractions * n).astype(int)
+    # Hand the remaining particles to the largest remainders.
+    order = np.argsort(-(fractions * n - counts), kind="stable")
+    counts[order[: n - counts.sum()]] += 1
+    return counts
+
+
+def _species_array(counts: np.ndarray) -> Array:
+    return jnp.asarray(np.repeat(np.arange(len(counts)), counts), dtype=jnp.int32)
+
+
+def _check_min_image(box_side: float, cutoff: float) -> None:
+    if box_side < 2.0 * cutoff:
+        raise ValueError(
+            f"the periodic box (side {box_side:.4g}) is smaller than twice the "
+            f"interaction range ({cutoff:.4g}), so the minimum-image convention "
+            "breaks: use more particles or a lower density."
+        )
+
+
+def _pair_matrix(species_matrix: Array, species: Array) -> Array:
+    """Expand an S x S species matrix to the N x N matrix of particle pairs."""
+    return species_matrix[species[:, None], species[None, :]]
+
+
+def _species_matrix(values: Any, n_species: int, name: str) -> Array:
+    """Accept a scalar or an S x S symmetric matrix, return the S x S matrix."""
+    values = as_float64(values, name)
+    if values.ndim == 0:
+        values = jnp.full((n_species, n_species), values)
+    if values.shape != (n_species, n_species):
+        raise ValueError(
+            f"{name} must be a scalar or a {n_species} x {n_species} matrix; got "
+            f"shape {values.shape}."
+        )
+    check_finite(values, name)
+    if not np.allclose(values, values.T):
+        raise ValueError(f"{name} must be symmetric.")
+    return values
+
+
+def _random_positions(key: Array, n: int, box: np.ndarray) -> Array:
+    return jax.random.uniform(key, (n, len(box)), dtype=jnp.float64) * jnp.asarray(box)
+
+
+def _jittered_lattice(key: Array, n: int, dim: int, side: float, jitter: float) -> Array:
+    """n points of a simple cubic (square) lattice filling a cube of the given side,
+    randomly displaced by up to ``jitter`` times the spacing: a start with no overlaps."""
+    per_side = math.ceil(n ** (1.0 / dim) - 1e-9)
+    spacing = side / per_side
+    grid = np.stack(
+        np.meshgrid(*[np.arange(per_side)] * dim, indexing="ij"), axis=-1
+    ).reshape(-1, dim)
+    key_pick, key_jitter = jax.random.split(key)
+    picked = jax.random.permutation(key_pick, grid.shape[0])[:n]
+    lattice = (jnp.asarray(grid, dtype=jnp.float64)[picked] + 0.5) * spacing
+    noise = jax.random.uniform(
+        key_jitter, (n, dim), dtype=jnp.float64, minval=-jitter, maxval=jitter
+    )
+    return lattice + noise * spacing
+
+
+def soft_sphere_packing(
+    n: int,
+    dim: int = 2,
+    phi: float = 0.9,
+    diameters: Sequence[float] = (1.0, 1.4),
+    fractions: Sequence[float] = (0.5, 0.5),
+    alpha: float = 2.0,
+    epsilon: float = 1.0,
+    seed: int = 0,
+    per_particle_diameters: bool = False,
+) -> System:
+    r"""Soft spheres in a periodic box at packing fraction ``phi``.
+
+    Pair energy :math:`\frac{\epsilon}{\alpha}(1 - r/\sigma_{ij})^\alpha` for
+    :math:`r < \sigma_{ij} = (d_i + d_j)/2`, zero beyond (O'Hern et al. 2003;
+    ``alpha=2`` is harmonic). The cubic box is sized so that the volume fraction
+    of the spheres at the given diameters is exactly ``phi``.
+
+    ``params = {"diameters", "epsilon", "alpha"}``; ``diameters`` has one entry
+    per species, or one per particle if ``per_particle_diameters`` (the
+    polydisperse variant, e.g. for gradients with respect to every diameter).
+    """
+    require_x64("soft_sphere_packing")
+    _check_size(n, dim)
+    diameters = np.asarray(as_float64(diameters, "diameters"))
+    if diameters.ndim != 1:
+        raise ValueError(f"diameters must be a sequence, one per species; got {diameters}.")
+    check_finite(diameters, "diameters")
+    check_positive(diameters, "diameters")
+    check_positive(epsilon, "epsilon")
+    check_positive(alpha, "alpha")
+    check_finite(np.asarray([phi, alpha, epsilon], dtype=np.float64), "phi, alpha and epsilon")
+    if len(fractions) != len(diameters):
+        raise ValueError(
+            f"fractions ({len(fractions)} entries) and diameters ({len(diameters)}) "
+            "must have one entry per species."
+        )
+    if not phi > 0:
+        raise ValueError(f"phi must be positive; got {phi}.")
+    counts = _species_counts(n, fractions)
+    species = _species_array(counts)
+    unit_volume = math.pi / 4.0 if dim == 2 else math.pi / 6.0
+    particle_volume = float(np.sum(counts * unit_volume * diameters**dim))
+    side = (particle_volume / phi) ** (1.0 / dim)
+    _check_min_image(side, float(diameters.max()))
+
+    box = np.full(dim, side)
+    displacement_fn, shift_fn = space.periodic(jnp.asarray(box))
+    pair_energy = smap.pair(jmd_energy.soft_sphere, space.metric(displacement_fn))
+
+    def energy_fn(positions: Array, params: Params) -> Array:
+        d = params["diameters"]
+        d = d if d.shape[0] == positions.shape[0] else d[species]
+        sigma = 0.5 * (d[:, None] + d[None, :])
+        return pair_energy(positions, sigma=sigma, epsilon=params["epsilon"], alpha=params["alpha"])
+
+    species_diameters = jnp.asarray(diameters)
+    params = check_params(
+        {
+            "diameters": species_diameters[species] if per_particle_diameters else species_diameters,
+            "epsilon": epsilon,
+            "alpha": alpha,
+        }
+    )
+    positions = _random_positions(jax.random.PRNGKey(seed), n, box)
+    return System(energy_fn, params, shift_fn, displacement_fn, jnp.asarray(box), positions, species, dt_max=0.4)
+
+
+def _lennard_jones_pair(r: Array, sigma: Array, epsilon: Array, **unused: Any) -> Array:
+    return jmd_energy.lennard_jones(r, sigma, epsilon)
+
+
+def _morse_pair(r: Array, sigma: Array, epsilon: Array, alpha: Array, **unused: Any) -> Array:
+    return jmd_energy.morse(r, sigma, epsilon, alpha)
+
+
+def _pair_system(
+    pair_fn: Callable[..., Array],
+    n: int,
+    dim: int,
+    density: float,
+    sigma: Any,
+    epsilon: Any,
+    fractions: Sequence[float],
+    cutoff: float | None,
+    seed: int,
+    extra_params: dict[str, Any],
+    dt_max: float,
+    periodic: bool = True,
+) -> System:
+    """A system of the pair potential ``pair_fn(r, sigma, epsilon, **extra)`` with
+    species matrices of sigma and epsilon, smoothly cut off (C^1) between
+    0.8 and 1.0 times ``cutoff`` (in units of the largest sigma), in a periodic
+    box at number ``density``, or in free space if not ``periodic``."""
+    require_x64("mdsens.systems")
+    _check_size(n, dim)
+    counts = _species_counts(n, fractions)
+    n_species = len(counts)
+    species = _species_array(counts)
+    sigma = _species_matrix(sigma, n_species, "sigma")
+    epsilon = _species_matrix(epsilon, n_species, "epsilon")
+    check_positive(sigma, "sigma")
+    check_positive(epsilon, "epsilon")
+    check_finite(np.asarray(density, dtype=np.float64), "density")
+    check_positive(density, "density")
+    sigma_max = float(jnp.max(sigma))
+    side = (n / density) ** (1.0 / dim)
+
+    if cutoff is not None:
+        r_cut = cutoff * sigma_max
+        pair_fn = jmd_energy.multiplicative_isotropic_cutoff(pair_fn, 0.8 * r_cut, r_cut)
+    if periodic:
+        box = np.full(dim, side)
+        _check_min_image(side, cutoff * sigma_max if cutoff is not None else math.inf)
+        displacement_fn, shift_fn = space.periodic(jnp.asarray(box))
+        box = jnp.asarray(box)
+    else:
+        displacement_fn, shift_fn = space.free()
+        box = None
+    pair_energy = smap.pair(pair_fn, space.metric(displacement_fn))
+
+    def energy_fn(positions: Array, params: Params) -> Array:
+        pair_params = {
+            name: _pair_matrix(params[name], species) if name in ("sigma", "epsilon") else value
+            for name, value in params.items()
+        }
+        return pair_energy(positions, **pair_params)
+
+    params = check_params({"sigma": sigma, "epsilon": epsilon, **extra_params})
+    # A lattice at roughly the equilibrium spacing: random starts would overlap
+    # and the r^-12 repulsion would blow up.
+    positions = _jittered_lattice(jax.random.PRNGKey(seed), n, dim, side, jitter=0.1)
+    return System(energy_fn, params, shift_fn, displacement_fn, box, positions, species, dt_max=dt_max)
+
+
+def lennard_jones(
+    n: int,
+    dim: int = 3,
+    density: float = 1.0,
+    sigma: Any = 1.0,
+    epsilon: Any = 1.0,
+    fractions: Sequence[float] = (1.0,),
+    cutoff: float = 2.5,
+    seed: int = 0,
+) -> System:
+    r"""Lennard-Jones particles :math:`4\epsilon[(\sigma/r)^{12} - (\sigma/r)^6]`
+    in a periodic box at number ``density``.
+
+    ``sigma`` and ``epsilon`` are scalars or ``S x S`` species matrices;
+    ``params = {"sigma", "epsilon"}`` holds the matrices. The cutoff range
+    (``cutoff`` times the largest sigma at build time) is fixed and is not a
+    parameter.
+    """
+    check_positive(cutoff, "cutoff")
+    return _pair_system(
+        _lennard_jones_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {}, dt_max=0.05
+    )
+
+
+def kob_andersen(n: int, density: float = 1.2, seed: int = 0) -> System:
+    """The Kob-Andersen 80:20 binary Lennard-Jones mixture in 3D (PRE 51, 4626, 1995):
+    sigma_AA=1, sigma_AB=0.8, sigma_BB=0.88, epsilon_AA=1, epsilon_AB=1.5,
+    epsilon_BB=0.5, cut off at 2.5 sigma_AA, number density 1.2."""
+    return lennard_jones(
+        n,
+        dim=3,
+        density=density,
+        sigma=[[1.0, 0.8], [0.8, 0.88]],
+        epsilon=[[1.0, 1.5], [1.5, 0.5]],
+        fractions=(0.8, 0.2),
+        cutoff=2.5,
+        seed=seed,
+    )
+
+
+def morse(
+    n: int,
+    dim: int = 3,
+    density: float = 1.0,
+    sigma: Any = 1.0,
+    epsilon: Any = 1.0,
+    alpha: float = 5.0,
+    fractions: Sequence[float] = (1.0,),
+    cutoff: float = 2.0,
+    seed: int = 0,
+) -> System:
+    r"""Morse particles :math:`\epsilon[(1 - e^{-\alpha(r-\sigma)})^2 - 1]` in a
+    periodic box at number ``density``; ``params = {"sigma", "epsilon", "alpha"}``."""
+    check_positive(cutoff, "cutoff")
+    check_positive(alpha, "alpha")
+    return _pair_system(
+        _morse_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {"alpha": alpha}, dt_max=0.05
+    )
+
+
+def lennard_jones_cluster(
+    n: int, dim: int = 3, sigma: float = 1.0, epsilon: float = 1.0, seed: int = 0
+) -> System:
+    """A free (non-periodic) Lennard-Jones cluster of ``n`` particles with no cutoff,
+    started from a compact jittered lattice. Its energy is invariant under rigid
+    translations and rotations."""
+    # Start at a density slightly below the close-packed one.
+    return _pair_system(
+        _lennard_jones_pair, n, dim, 0.9, sigma, epsilon, (1.0,), None, seed, {}, dt_max=0.05,
+        periodic=False,
+    )
