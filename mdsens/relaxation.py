@@ -161,18 +161,23 @@ def _descent_minimiser(energy_and_force_fn, shift_fn, positions, options):
     return init, step
 
 
-@functools.partial(jax.jit, static_argnames=("energy_fn", "shift_fn", "method"))
-def _relax(energy_fn, shift_fn, method, positions, params, options) -> RelaxResult:
-    energy_and_grad = jax.value_and_grad(energy_fn)
+def _minimiser(energy_fn, params, shift_fn, positions, method, options):
+    """``(init, step, energy_and_force)`` of the chosen minimiser."""
 
     def energy_and_force(x):
-        e, g = energy_and_grad(x, params)
+        e, g = jax.value_and_grad(energy_fn)(x, params)
         return e, -g
 
     if method == "fire":
         init, step = _fire_minimiser(lambda x: energy_and_force(x)[1], shift_fn, positions, options)
     else:
         init, step = _descent_minimiser(energy_and_force, shift_fn, positions, options)
+    return init, step, energy_and_force
+
+
+@functools.partial(jax.jit, static_argnames=("energy_fn", "shift_fn", "method"))
+def _relax(energy_fn, shift_fn, method, positions, params, options) -> RelaxResult:
+    init, step, energy_and_force = _minimiser(energy_fn, params, shift_fn, positions, method, options)
 
     def keep_going(s):
         finite = jnp.all(jnp.isfinite(s.force))
@@ -249,3 +254,23 @@ def relax(
         "dt_max": jnp.asarray(dt_max, jnp.float64),
     }
     return _relax(energy_fn, shift_fn, method, positions, params, options)
+
+
+def unrolled_relax(
+    energy_fn: Callable[[Array, Any], Array],
+    positions: Array,
+    params: Any,
+    *,
+    shift_fn: Callable[..., Array],
+    n_steps: int,
+    method: str = "fire",
+    dt_max: float = 0.1,
+) -> Array:
+    """Positions after exactly ``n_steps`` minimiser steps, as a ``lax.scan`` that
+    autodiff can go through in both modes ("unrolled" differentiation, the
+    baseline that implicit differentiation is compared with)."""
+    check_choice(method, "method", METHODS)
+    options = {"dt_max": jnp.asarray(dt_max, jnp.float64)}
+    init, step, _ = _minimiser(energy_fn, params, shift_fn, positions, method, options)
+    final, _ = jax.lax.scan(lambda s, _: (step(s), None), init(), length=n_steps)
+    return final.positions

@@ -1,0 +1,237 @@
+r"""Implicit differentiation of roots (Blondel et al., arXiv 2105.15183).
+
+A solver returns ``x*(theta)`` with ``F(x*, theta) = 0``. By the implicit
+function theorem
+
+.. math:: \partial_1 F \; \dot x = -\partial_2 F \; \dot\theta,
+
+so tangents (``root_jvp``) and cotangents (``root_vjp``) of ``x*`` cost one
+linear solve with the Jacobian ``A = \partial_1 F`` applied matrix-free (for
+``F = \nabla_x E`` that is a Hessian-vector product, forward-over-reverse).
+
+:func:`custom_root` makes any solver differentiable this way. It is a
+``jax.custom_jvp`` whose tangent is a ``jax.lax.custom_linear_solve``; JAX
+transposes that for reverse mode and differentiates it again for higher
+orders, so one rule gives ``jvp``, ``grad``, ``jacfwd``, ``jacrev`` and
+``hessian``. (jaxopt's ``custom_root`` is a ``custom_vjp``, reverse mode only.)
+
+Zero modes of ``A`` (see :mod:`mdsens.zero_modes`) are projected out of the
+right-hand side, the cotangent and the result: the derivative is the
+minimum-norm one, ``-A^+ \partial_2 F \dot\theta``. The projection assumes the
+left and right null spaces of ``A`` coincide, as they do for symmetric ``A``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from mdsens import linear_solve
+from mdsens.linear_solve import SolveInfo, Solver
+from mdsens.zero_modes import ZeroModes
+
+Array = jax.Array
+OptimalityFn = Callable[[Any, Any], Any]
+# zero_modes(solution, params) -> ZeroModes | None
+ZeroModesFn = Callable[[Any, Any], ZeroModes | None]
+
+
+def _linearise(optimality_fn: OptimalityFn, solution: Any, params: Any):
+    """Flat views of ``x -> F(x, params)`` and ``theta -> F(solution, theta)``."""
+    x_flat, unravel = ravel_pytree(solution)
+
+    def f_of_x(x):
+        return ravel_pytree(optimality_fn(unravel(x), params))[0]
+
+    def f_of_params(p):
+        return ravel_pytree(optimality_fn(solution, p))[0]
+
+    return x_flat, unravel, f_of_x, f_of_params
+
+
+def _projector(zero_modes: ZeroModes | None) -> Callable[[Array], Array]:
+    if zero_modes is None:
+        return lambda v: v
+    zero_modes = jax.lax.stop_gradient(zero_modes)
+    return zero_modes.project
+
+
+def root_jvp(
+    optimality_fn: OptimalityFn,
+    solution: Any,
+    params: Any,
+    params_tangent: Any,
+    *,
+    solve: Solver | None = None,
+    symmetric: bool = True,
+    zero_modes: ZeroModes | None = None,
+) -> tuple[Any, SolveInfo]:
+    """Tangent of the root: solve ``A x_dot = -d_2F(theta_dot)``.
+
+    Returns ``(solution_tangent, info)``; differentiable again (by JAX's rules
+    for ``custom_linear_solve``).
+    """
+    solve = linear_solve.cg() if solve is None else solve
+    project = _projector(zero_modes)
+    x_flat, unravel, f_of_x, f_of_params = _linearise(optimality_fn, solution, params)
+    matvec = lambda v: jax.jvp(f_of_x, (x_flat,), (v,))[1]  # noqa: E731
+    rhs = -jax.jvp(f_of_params, (params,), (params_tangent,))[1]
+    projected_solve = lambda mv, b: solve(mv, b, project)  # noqa: E731
+    tangent, info = jax.lax.custom_linear_solve(
+        matvec, rhs, projected_solve, projected_solve, symmetric=symmetric, has_aux=True
+    )
+    return unravel(tangent), info
+
+
+def root_vjp(
+    optimality_fn: OptimalityFn,
+    solution: Any,
+    params: Any,
+    cotangent: Any,
+    *,
+    solve: Solver | None = None,
+    symmetric: bool = True,
+    zero_modes: ZeroModes | None = None,
+) -> tuple[Any, SolveInfo]:
+    """Cotangent of the parameters: solve ``A^T u = P g`` (``P`` removes zero
+    modes), then ``theta_bar = -d_2F^T u``. Returns ``(params_cotangent, info)``."""
+    solve = linear_solve.cg() if solve is None else solve
+    project = _projector(zero_modes)
+    x_flat, _, f_of_x, f_of_params = _linearise(optimality_fn, solution, params)
+    g = ravel_pytree(cotangent)[0]
+    if symmetric:
+        matvec = lambda v: jax.jvp(f_of_x, (x_flat,), (v,))[1]  # noqa: E731
+    else:
+        f_vjp = jax.vjp(f_of_x, x_flat)[1]
+        matvec = lambda v: f_vjp(v)[0]  # noqa: E731
+    projected_solve = lambda mv, b: solve(mv, b, project)  # noqa: E731
+    u, info = jax.lax.custom_linear_solve(
+        matvec, g, projected_solve, projected_solve, symmetric=symmetric, has_aux=True
+    )
+    (params_cotangent,) = jax.vjp(f_of_params, params)[1](-u)
+    return params_cotangent, info
+
+
+def _zero_tangent(x: Any) -> Any:
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+def _raise_if_failed(converged, negative_curvature, residual, iterations) -> None:
+    converged, negative = np.asarray(converged), np.asarray(negative_curvature)
+    if np.all(converged):
+        return
+    if np.any(negative):
+        raise FloatingPointError(
+            "mdsens: the linear solve met negative curvature: the Hessian is not "
+            "positive semi-definite, so the relaxed state is a saddle, not a minimum "
+            "(relax to a tighter fmax, or use solver='minres' to differentiate a "
+            "saddle on purpose)."
+        )
+    raise FloatingPointError(
+        "mdsens: the linear solve for the derivative did not converge (relative "
+        f"residual {np.max(residual):.3g} after {np.max(iterations)} iterations). "
+        "Raise max_iter, loosen rtol, or check for undeclared zero modes."
+    )
+
+
+def _warn_if_failed(converged, negative_curvature, residual, iterations) -> None:
+    try:
+        _raise_if_failed(converged, negative_curvature, residual, iterations)
+    except FloatingPointError as error:
+        import warnings
+
+        warnings.warn(f"{error} The derivative is set to NaN.", RuntimeWarning, stacklevel=2)
+
+
+def enforce(solve: Solver, throw: bool) -> Solver:
+    """Wrap a solver with the failure policy used inside derivatives: when a
+    solve fails, raise (``throw=True``) or return NaN and warn (``throw=False``).
+    The check runs where the solve runs, so it applies in forward mode, in
+    reverse mode (the transposed solve) and at higher orders."""
+
+    def checked(matvec, b, project):
+        x, info = solve(matvec, b, project)
+        report = _raise_if_failed if throw else _warn_if_failed
+        jax.debug.callback(report, info.converged, info.negative_curvature, info.residual, info.iterations)
+        if not throw:
+            x = jnp.where(info.converged, x, jnp.nan)
+        return x, info
+
+    return checked
+
+
+def custom_root(
+    optimality_fn: OptimalityFn,
+    *,
+    solve: Solver | None = None,
+    symmetric: bool = True,
+    zero_modes: ZeroModesFn | None = None,
+    throw: bool = True,
+    has_aux: bool = False,
+) -> Callable[[Callable[[Any, Any], Any]], Callable[[Any, Any], Any]]:
+    """Decorator: make ``solver(init, params) -> x*`` differentiable in ``params``
+    by implicit differentiation of ``optimality_fn(x*, params) = 0``.
+
+    The decorated function has the same signature; ``init`` gets a zero
+    derivative. Forward, reverse and higher-order derivatives all go through
+    linear solves with ``solve`` (default :func:`mdsens.linear_solve.cg`;
+    ``symmetric=False`` for an optimality function whose Jacobian is not
+    symmetric, with e.g. ``bicgstab``). ``zero_modes(x*, params)`` returns the
+    null space to project out, or None. A failed solve raises
+    ``FloatingPointError`` at run time (``throw=True``) or gives NaN and a
+    ``RuntimeWarning`` (``throw=False``). With ``has_aux``, the solver returns
+    ``(x*, aux)`` and ``aux`` (e.g. diagnostics) gets a zero derivative.
+    """
+    checked_solve = enforce(linear_solve.cg() if solve is None else solve, throw)
+
+    def decorator(solver):
+        @jax.custom_jvp
+        def solved(init, params):
+            return solver(init, params)
+
+        @solved.defjvp
+        def solved_jvp(primals, tangents):
+            init, params = primals
+            # Calling the decorated function (not `solver`) keeps higher orders implicit too.
+            output = solved(init, params)
+            solution = output[0] if has_aux else output
+            modes = None if zero_modes is None else zero_modes(solution, params)
+            tangent, _ = root_jvp(
+                optimality_fn,
+                solution,
+                params,
+                tangents[1],
+                solve=checked_solve,
+                symmetric=symmetric,
+                zero_modes=modes,
+            )
+            if has_aux:
+                return output, (tangent, jax.tree_util.tree_map(_zero_tangent, output[1]))
+            return solution, tangent
+
+        return solved
+
+    return decorator
+
+
+def custom_fixed_point(
+    fixed_point_fn: Callable[[Any, Any], Any], **kwargs: Any
+) -> Callable[[Callable[[Any, Any], Any]], Callable[[Any, Any], Any]]:
+    """:func:`custom_root` for solvers of ``x = T(x, params)``: the optimality
+    function is ``T(x, params) - x``. Its Jacobian ``dT/dx - I`` is not symmetric
+    in general: pass ``symmetric=False`` and a non-symmetric solver such as
+    :func:`mdsens.linear_solve.bicgstab`. (For a gradient step ``T = x - eta grad E``
+    it is symmetric negative semi-definite: ``symmetric=True`` with ``minres``.)"""
+
+    def optimality_fn(x, params):
+        return jax.tree_util.tree_map(jnp.subtract, fixed_point_fn(x, params), x)
+
+    return custom_root(optimality_fn, **kwargs)
