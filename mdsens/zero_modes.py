@@ -103,7 +103,9 @@ def detect(hvp: Callable[[Array], Array], positions: Array, rtol: float = 1e-6) 
     ``hvp(v)`` must return ``H v`` for ``v`` of the shape of ``positions``. Costs
     one product per candidate plus one (``dim + 2`` in 2D, ``dim + 4`` in 3D).
     """
-    probe = jax.random.rademacher(jax.random.PRNGKey(0), positions.shape, positions.dtype)
+    # Gaussian, not Rademacher: with +-1 entries a particle whose neighbours all
+    # drew its own sign has a zero block of H z (rows of H sum to zero).
+    probe = jax.random.normal(jax.random.PRNGKey(0), positions.shape, positions.dtype)
     response = hvp(probe)
     block_norm = jnp.linalg.norm(response, axis=-1)
     interacting = block_norm > rtol * jnp.max(block_norm)

@@ -1,0 +1,86 @@
+"""Shared fixtures: each system is built, relaxed (and its relaxation compiled) once
+per session."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+# mdsens refuses to run in float32 and does not switch x64 on itself; this must
+# happen before any array is created.
+jax.config.update("jax_enable_x64", True)
+
+import pytest  # noqa: E402
+
+from mdsens import RelaxResult, relax  # noqa: E402
+from mdsens import systems  # noqa: E402
+from mdsens.systems import System  # noqa: E402
+
+# Names of the session-scoped system fixtures; "<name>_relaxed" is the FIRE result.
+SYSTEM_NAMES = ("soft_sphere_2d", "soft_sphere_3d", "kob_andersen", "morse", "lj_cluster")
+
+
+@dataclasses.dataclass(frozen=True)
+class Relaxed:
+    name: str
+    system: System
+    result: RelaxResult
+
+
+def relax_system(system: System, **kwargs) -> RelaxResult:
+    """FIRE (unless overridden) from the builder's start with the system's dt_max."""
+    return relax(
+        system.energy_fn,
+        system.positions,
+        system.params,
+        shift_fn=system.shift_fn,
+        dt_max=system.dt_max,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def soft_sphere_2d() -> System:
+    # The paper's system: bidisperse (1 : 1.4) harmonic discs at phi = 0.9.
+    return systems.soft_sphere_packing(128, dim=2, phi=0.9)
+
+
+@pytest.fixture(scope="session")
+def soft_sphere_3d() -> System:
+    # Above 3D jamming (phi_J ~ 0.64) so the relaxed state has overlaps.
+    return systems.soft_sphere_packing(32, dim=3, phi=0.7)
+
+
+@pytest.fixture(scope="session")
+def kob_andersen() -> System:
+    # N >= 150 so that the box holds twice the 2.5 sigma_AA cutoff.
+    return systems.kob_andersen(160)
+
+
+@pytest.fixture(scope="session")
+def morse() -> System:
+    return systems.morse(64, dim=3, density=0.9)
+
+
+@pytest.fixture(scope="session")
+def lj_cluster() -> System:
+    return systems.lennard_jones_cluster(13)
+
+
+@pytest.fixture(scope="session", params=SYSTEM_NAMES)
+def any_system(request: pytest.FixtureRequest) -> tuple[str, System]:
+    return request.param, request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def relaxed_cache() -> dict[str, RelaxResult]:
+    return {}
+
+
+@pytest.fixture(scope="session")
+def any_relaxed(any_system: tuple[str, System], relaxed_cache: dict[str, RelaxResult]) -> Relaxed:
+    name, system = any_system
+    if name not in relaxed_cache:
+        relaxed_cache[name] = relax_system(system)
+    return Relaxed(name, system, relaxed_cache[name])
