@@ -223,6 +223,22 @@ def _morse_pair(r: Array, sigma: Array, epsilon: Array, alpha: Array, **unused: 
     return jmd_energy.morse(r, sigma, epsilon, alpha)
 
 
+def _smooth_cutoff(pair_fn: Callable[..., Array], r_onset: float, r_cutoff: float) -> Callable[..., Array]:
+    """``pair_fn`` times HOOMD-blue's C^1 switching function, 1 below ``r_onset`` and 0
+    above ``r_cutoff``, in float64. jax-md's ``multiplicative_isotropic_cutoff`` squares
+    the radii in float32: when the square of the cutoff is not a float32 (2.2**2), its
+    switch does not reach 0 at ``r_cutoff`` and the pair force jumps there."""
+    r_o2, r_c2 = r_onset**2, r_cutoff**2
+
+    def cut_fn(r: Array, *args: Any, **kwargs: Any) -> Array:
+        r2 = r**2
+        switch = (r_c2 - r2) ** 2 * (r_c2 + 2 * r2 - 3 * r_o2) / (r_c2 - r_o2) ** 3
+        switch = jnp.where(r < r_onset, 1.0, jnp.where(r < r_cutoff, switch, 0.0))
+        return switch * pair_fn(r, *args, **kwargs)
+
+    return cut_fn
+
+
 def _pair_system(
     pair_fn: Callable[..., Array],
     n: int,
@@ -257,7 +273,7 @@ def _pair_system(
 
     if cutoff is not None:
         r_cut = cutoff * sigma_max
-        pair_fn = jmd_energy.multiplicative_isotropic_cutoff(pair_fn, 0.8 * r_cut, r_cut)
+        pair_fn = _smooth_cutoff(pair_fn, 0.8 * r_cut, r_cut)
     if periodic:
         box = np.full(dim, side)
         _check_min_image(side, cutoff * sigma_max if cutoff is not None else math.inf)
