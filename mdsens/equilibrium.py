@@ -88,7 +88,7 @@ def _options(shift_fn, relax_method, fmax, max_steps, dt_max, solver, zero_modes
         if not np.isfinite(value):
             raise ValueError(f"{name} must be finite; got {value}.")
         check_positive(value, name)
-    if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ValueError(f"max_steps must be an integer >= 1; got {max_steps!r}.")
     _check_zero_modes(zero_modes)
     zero_modes_key = zero_modes if not isinstance(zero_modes, zm.ZeroModes) else "given"

@@ -113,7 +113,7 @@ def _fire_minimiser(force_fn, shift_fn, positions, options):
         dt = jnp.where(accelerate, jnp.minimum(s.dt * f_inc, dt_max), s.dt)
         dt = jnp.where(slow_down, jnp.maximum(dt * f_dec, dt_min), dt)
         alpha = jnp.where(accelerate, s.alpha * f_alpha, s.alpha)
-        alpha = jnp.where(uphill, alpha_start, alpha)
+        alpha = jnp.where(slow_down, alpha_start, alpha)
         # Going uphill: step back half a step and stop.
         x = jnp.where(uphill, shift_fn(s.positions, -0.5 * dt * s.velocity), s.positions)
         v = jnp.where(uphill, 0.0, s.velocity)
@@ -134,7 +134,8 @@ def _descent_minimiser(energy_and_force_fn, shift_fn, positions, options):
     accepted move, halve it and retry after a rejected one. A move is accepted
     when the energy falls, or when the energy change is below rounding and the
     force norm falls (near the minimum, energy differences are lost to rounding
-    long before fmax reaches 1e-12)."""
+    long before fmax reaches 1e-12). The step is capped at ``10 dt_max`` so that
+    loosely bound particles cannot be flung away."""
 
     def init():
         e, f = energy_and_force_fn(positions)
@@ -154,7 +155,7 @@ def _descent_minimiser(energy_and_force_fn, shift_fn, positions, options):
             keep(x_new, s.positions),
             keep(e_new, s.energy),
             keep(f_new, s.force),
-            jnp.where(accept, 1.2 * s.step_size, 0.5 * s.step_size),
+            jnp.where(accept, jnp.minimum(1.2 * s.step_size, 10.0 * options["dt_max"]), 0.5 * s.step_size),
             s.step + 1,
         )
 
@@ -246,7 +247,7 @@ def relax(
         if not np.isfinite(value):
             raise ValueError(f"{name} must be finite; got {value}.")
         check_positive(value, name)
-    if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ValueError(f"max_steps must be an integer >= 1; got {max_steps!r}.")
     options = {
         "fmax": jnp.asarray(fmax, jnp.float64),

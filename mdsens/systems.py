@@ -41,10 +41,13 @@ class System:
     Attributes:
         energy_fn: ``energy_fn(positions, params) -> scalar`` total energy.
         params: dict of float64 arrays, the differentiable parameters.
-        shift_fn: jax-md shift, ``shift_fn(positions, displacement) -> positions``
-            (wraps into the box for periodic systems).
+        shift_fn: jax-md shift, ``shift_fn(positions, displacement) -> positions``.
+            It does not wrap positions into the box: energies are periodic, and
+            the box is a parameter that can change at call time.
         displacement_fn: jax-md displacement between two particles.
-        box: side lengths of the periodic box, shape ``(dim,)``; None in free space.
+        box: the periodic box as a ``(dim, dim)`` matrix whose columns are the box
+            vectors (diagonal here: a cube), the value of ``params["box"]``; None
+            in free space.
         positions: a random starting configuration, shape ``(N, dim)``.
         species: integer species of each particle, shape ``(N,)``.
         dt_max: largest stable FIRE time step for this potential (pass it to
@@ -126,15 +129,24 @@ def _species_matrix(values: Any, n_species: int, name: str) -> Array:
     return values
 
 
-def _random_positions(key: Array, n: int, box: np.ndarray) -> Array:
-    return jax.random.uniform(key, (n, len(box)), dtype=jnp.float64) * jnp.asarray(box)
+def _periodic_space(side: float, dim: int):
+    """A cubic periodic box whose matrix is read at call time from the ``box``
+    keyword (``params["box"]``), so the box is a differentiable parameter that
+    can also change between calls (packing-fraction sweeps, strain). Positions
+    stay in real coordinates and are not wrapped."""
+    box = jnp.eye(dim, dtype=jnp.float64) * side
+    displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=False, wrapped=False)
+    return box, displacement_fn, shift_fn
 
 
-def _jittered_lattice(key: Array, n: int, dim: int, side: float, jitter: float) -> Array:
-    """n points of a simple cubic (square) lattice filling a cube of the given side,
+def _random_positions(key: Array, n: int, box: Array) -> Array:
+    return jax.random.uniform(key, (n, box.shape[0]), dtype=jnp.float64) @ box.T
+
+
+def _jittered_lattice(key: Array, n: int, dim: int, spacing: float, jitter: float) -> Array:
+    """n random sites of a simple cubic (square) lattice with the given spacing,
     randomly displaced by up to ``jitter`` times the spacing: a start with no overlaps."""
     per_side = math.ceil(n ** (1.0 / dim) - 1e-9)
-    spacing = side / per_side
     grid = np.stack(
         np.meshgrid(*[np.arange(per_side)] * dim, indexing="ij"), axis=-1
     ).reshape(-1, dim)
@@ -193,15 +205,16 @@ def soft_sphere_packing(
     side = (particle_volume / phi) ** (1.0 / dim)
     _check_min_image(side, float(diameters.max()), "phi")
 
-    box = np.full(dim, side)
-    displacement_fn, shift_fn = space.periodic(jnp.asarray(box))
+    box, displacement_fn, shift_fn = _periodic_space(side, dim)
     pair_energy = smap.pair(jmd_energy.soft_sphere, space.metric(displacement_fn))
 
     def energy_fn(positions: Array, params: Params) -> Array:
         d = params["diameters"]
         d = d if d.shape[0] == positions.shape[0] else d[species]
         sigma = 0.5 * (d[:, None] + d[None, :])
-        return pair_energy(positions, sigma=sigma, epsilon=params["epsilon"], alpha=params["alpha"])
+        return pair_energy(
+            positions, box=params["box"], sigma=sigma, epsilon=params["epsilon"], alpha=params["alpha"]
+        )
 
     species_diameters = jnp.asarray(diameters)
     params = check_params(
@@ -209,10 +222,11 @@ def soft_sphere_packing(
             "diameters": species_diameters[species] if per_particle_diameters else species_diameters,
             "epsilon": epsilon,
             "alpha": alpha,
+            "box": box,
         }
     )
     positions = _random_positions(jax.random.PRNGKey(seed), n, box)
-    return System(energy_fn, params, shift_fn, displacement_fn, jnp.asarray(box), positions, species, dt_max=0.4)
+    return System(energy_fn, params, shift_fn, displacement_fn, box, positions, species, dt_max=0.4)
 
 
 def _lennard_jones_pair(r: Array, sigma: Array, epsilon: Array, **unused: Any) -> Array:
@@ -275,13 +289,16 @@ def _pair_system(
         r_cut = cutoff * sigma_max
         pair_fn = _smooth_cutoff(pair_fn, 0.8 * r_cut, r_cut)
     if periodic:
-        box = np.full(dim, side)
         _check_min_image(side, cutoff * sigma_max if cutoff is not None else math.inf)
-        displacement_fn, shift_fn = space.periodic(jnp.asarray(box))
-        box = jnp.asarray(box)
+        box, displacement_fn, shift_fn = _periodic_space(side, dim)
+        extra_params = {**extra_params, "box": box}
+        # The lattice fills the box (somewhat compressed if n is not a perfect power).
+        spacing = side / math.ceil(n ** (1.0 / dim) - 1e-9)
     else:
         displacement_fn, shift_fn = space.free()
         box = None
+        # The pair minimum of Lennard-Jones, 2^(1/6) sigma: a start near equilibrium.
+        spacing = 2.0 ** (1.0 / 6.0) * sigma_max
     pair_energy = smap.pair(pair_fn, space.metric(displacement_fn))
 
     def energy_fn(positions: Array, params: Params) -> Array:
@@ -292,9 +309,9 @@ def _pair_system(
         return pair_energy(positions, **pair_params)
 
     params = check_params({"sigma": sigma, "epsilon": epsilon, **extra_params})
-    # A lattice at roughly the equilibrium spacing: random starts would overlap
-    # and the r^-12 repulsion would blow up.
-    positions = _jittered_lattice(jax.random.PRNGKey(seed), n, dim, side, jitter=0.1)
+    # A lattice, not random positions: random starts would overlap and the
+    # r^-12 repulsion would blow up.
+    positions = _jittered_lattice(jax.random.PRNGKey(seed), n, dim, spacing, jitter=0.1)
     return System(energy_fn, params, shift_fn, displacement_fn, box, positions, species, dt_max=dt_max)
 
 
@@ -364,7 +381,6 @@ def lennard_jones_cluster(
     """A free (non-periodic) Lennard-Jones cluster of ``n`` particles with no cutoff,
     started from a compact jittered lattice. Its energy is invariant under rigid
     translations and rotations."""
-    # Start at a density slightly below the close-packed one.
     return _pair_system(
         _lennard_jones_pair, n, dim, 0.9, sigma, epsilon, (1.0,), None, seed, {}, dt_max=0.05,
         periodic=False,

@@ -32,6 +32,7 @@ def _pairs(x: np.ndarray, box: np.ndarray | None) -> tuple[np.ndarray, np.ndarra
     i, j = np.triu_indices(len(x), 1)
     dr = x[i] - x[j]
     if box is not None:
+        box = np.diag(box) if box.ndim == 2 else box  # the builders' boxes are cubic
         dr -= box * np.round(dr / box)
     return np.linalg.norm(dr, axis=1), i, j
 
@@ -72,7 +73,7 @@ def pair_energy_np(x, box, species, sigma, epsilon, pair, cutoff, **extra) -> fl
 def phi_np(system: System, species_diameters) -> float:
     d = np.asarray(species_diameters)[np.asarray(system.species)]
     unit = {2: math.pi / 4, 3: math.pi / 6}[system.dim]
-    return float(np.sum(unit * d**system.dim) / np.prod(np.asarray(system.box)))
+    return float(np.sum(unit * d**system.dim) / np.linalg.det(np.asarray(system.box)))
 
 
 # ---------------------------------------------------------------- geometry and species
@@ -91,18 +92,19 @@ def phi_np(system: System, species_diameters) -> float:
 def test_packing_fraction_and_box(n, dim, phi, diameters, fractions) -> None:
     system = systems.soft_sphere_packing(n, dim=dim, phi=phi, diameters=diameters, fractions=fractions)
     box = np.asarray(system.box)
-    assert box.shape == (dim,) and box.dtype == np.float64
-    assert np.all(box == box[0])  # cubic
+    assert box.shape == (dim, dim) and box.dtype == np.float64
+    np.testing.assert_array_equal(box, box[0, 0] * np.eye(dim))  # cubic
+    np.testing.assert_array_equal(np.asarray(system.params["box"]), box)
     assert phi_np(system, diameters) == pytest.approx(phi, rel=1e-13)
     assert system.positions.shape == (n, dim) and system.positions.dtype == jnp.float64
     # Random start inside the box.
-    assert np.all((np.asarray(system.positions) >= 0) & (np.asarray(system.positions) < box))
+    assert np.all((np.asarray(system.positions) >= 0) & (np.asarray(system.positions) < box[0, 0]))
 
 
 def test_paper_system_box(soft_sphere_2d: System) -> None:
     # 64 discs of diameter 1 and 64 of 1.4: L^2 = 64 pi (1 + 1.96) / 4 / 0.9.
     side = math.sqrt(64 * math.pi * (1 + 1.4**2) / 4 / 0.9)
-    np.testing.assert_allclose(np.asarray(soft_sphere_2d.box), [side, side], rtol=1e-14)
+    np.testing.assert_allclose(np.asarray(soft_sphere_2d.box), side * np.eye(2), rtol=1e-14)
     assert np.bincount(np.asarray(soft_sphere_2d.species)).tolist() == [64, 64]
 
 
@@ -137,13 +139,13 @@ def test_kob_andersen_parameters(kob_andersen: System) -> None:
     # The published values (Kob & Andersen, PRE 51, 4626, 1995).
     np.testing.assert_array_equal(kob_andersen.params["sigma"], [[1.0, 0.8], [0.8, 0.88]])
     np.testing.assert_array_equal(kob_andersen.params["epsilon"], [[1.0, 1.5], [1.5, 0.5]])
-    np.testing.assert_allclose(np.asarray(kob_andersen.box), [(160 / 1.2) ** (1 / 3)] * 3, rtol=1e-14)
+    np.testing.assert_allclose(np.diag(kob_andersen.box), [(160 / 1.2) ** (1 / 3)] * 3, rtol=1e-14)
 
 
 def test_box_exactly_twice_the_cutoff_is_allowed() -> None:
     # 150 / 1.2 = 125: the box side is exactly 5 = 2 x 2.5 (the cube root rounds below).
-    np.testing.assert_allclose(np.asarray(systems.kob_andersen(150).box), [5.0] * 3, rtol=1e-14)
-    np.testing.assert_allclose(np.asarray(systems.morse(64).box), [4.0] * 3, rtol=1e-14)
+    np.testing.assert_allclose(np.diag(systems.kob_andersen(150).box), [5.0] * 3, rtol=1e-14)
+    np.testing.assert_allclose(np.diag(systems.morse(64).box), [4.0] * 3, rtol=1e-14)
     with pytest.raises(ValueError, match="density"):
         systems.kob_andersen(149)
 
@@ -175,7 +177,7 @@ def test_soft_sphere_energy_matches_numpy(n, dim, phi, diameters, fractions, alp
         assert expected > 0  # random starts at these densities overlap
         assert energy(system, x) == pytest.approx(expected, rel=1e-12)
     # Parameters are read at call time, not frozen at build time.
-    params = {"diameters": jnp.asarray(diameters) * 1.05, "epsilon": jnp.asarray(3.0), "alpha": jnp.asarray(3.0)}
+    params = {"diameters": jnp.asarray(diameters) * 1.05, "epsilon": jnp.asarray(3.0), "alpha": jnp.asarray(3.0), "box": system.box}
     expected = soft_sphere_energy_np(system.positions, system.box, 1.05 * d, 3.0, 3.0)
     assert energy(system, system.positions, params) == pytest.approx(expected, rel=1e-12)
 
@@ -213,7 +215,7 @@ def test_kob_andersen_energy_matches_numpy(kob_andersen: System) -> None:
     assert energy(kob_andersen, x) == pytest.approx(
         _kob_andersen_reference(kob_andersen, x), rel=1e-12
     )
-    params = {"sigma": jnp.asarray([[1.0, 0.9], [0.9, 0.85]]), "epsilon": jnp.asarray([[2.0, 1.0], [1.0, 0.7]])}
+    params = {"sigma": jnp.asarray([[1.0, 0.9], [0.9, 0.85]]), "epsilon": jnp.asarray([[2.0, 1.0], [1.0, 0.7]]), "box": kob_andersen.box}
     assert energy(kob_andersen, x, params) == pytest.approx(
         _kob_andersen_reference(kob_andersen, x, params), rel=1e-12
     )
@@ -232,7 +234,7 @@ def test_plain_lennard_jones_matches_numpy() -> None:
     # Pairs in the switching window contribute little but not nothing.
     assert e_full != pytest.approx(e_inner, rel=1e-12)
     np.testing.assert_array_equal(system.params["sigma"], [[1.1]])
-    assert np.prod(np.asarray(system.box)) == pytest.approx(64 / 0.5, rel=1e-14)
+    assert np.linalg.det(np.asarray(system.box)) == pytest.approx(64 / 0.5, rel=1e-14)
 
 
 def test_morse_energy_matches_numpy(morse: System) -> None:
@@ -287,8 +289,8 @@ def test_periodic_images_are_equivalent(any_system: tuple[str, System]) -> None:
     box = np.asarray(system.box)
     # Moving particles by whole box vectors changes nothing.
     shifts = np.zeros(system.positions.shape)
-    shifts[::3, 0] = box[0]
-    shifts[1::3, -1] = -2 * box[-1]
+    shifts[::3, 0] = box[0, 0]
+    shifts[1::3, -1] = -2 * box[-1, -1]
     e = energy(system, system.positions)
     e_shifted = energy(system, system.positions + shifts)
     assert e_shifted == pytest.approx(e, rel=1e-12)
@@ -369,3 +371,14 @@ BAD_INPUTS: list[tuple[Callable[[], System], str]] = [
 def test_bad_inputs_raise(build: Callable[[], System], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_box_is_a_call_time_parameter(soft_sphere_2d: System) -> None:
+    # Scaling the box and the positions together is the packing at another phi.
+    scale = 1.1
+    p = dict(soft_sphere_2d.params, box=scale * soft_sphere_2d.params["box"])
+    x = scale * np.asarray(soft_sphere_2d.positions)
+    d = np.asarray(soft_sphere_2d.params["diameters"])[np.asarray(soft_sphere_2d.species)]
+    expected = soft_sphere_energy_np(x, scale * np.asarray(soft_sphere_2d.box), d, 1.0, 2.0)
+    assert expected > 0
+    assert energy(soft_sphere_2d, x, p) == pytest.approx(expected, rel=1e-12)
