@@ -83,3 +83,13 @@ def check_positive(value: Any, name: str) -> None:
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
+
+
+def check_relax_options(fmax: float, max_steps: int, dt_max: float) -> None:
+    """The relaxation's tolerance, step budget and time step."""
+    for name, value in (("fmax", fmax), ("dt_max", dt_max)):
+        if not np.isfinite(value):
+            raise ValueError(f"{name} must be finite; got {value}.")
+        check_positive(value, name)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+        raise ValueError(f"max_steps must be an integer >= 1; got {max_steps!r}.")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,14 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from mdsens import linear_solve, zero_modes as zm
-from mdsens._checks import check_choice, check_params, check_positions, check_positive, require_x64
+from mdsens._checks import (
+    check_choice,
+    check_params,
+    check_positions,
+    check_positive,
+    check_relax_options,
+    require_x64,
+)
 from mdsens.implicit import custom_root, root_jvp, root_vjp
 from mdsens.linear_solve import SolveInfo, Solver
 from mdsens.relaxation import METHODS as RELAX_METHODS
@@ -84,12 +92,7 @@ def _check_zero_modes(zero_modes: Any) -> None:
 
 def _options(shift_fn, relax_method, fmax, max_steps, dt_max, solver, zero_modes, throw) -> _Options:
     check_choice(relax_method, "relax_method", RELAX_METHODS)
-    for name, value in (("fmax", fmax), ("dt_max", dt_max)):
-        if not np.isfinite(value):
-            raise ValueError(f"{name} must be finite; got {value}.")
-        check_positive(value, name)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"max_steps must be an integer >= 1; got {max_steps!r}.")
+    check_relax_options(fmax, max_steps, dt_max)
     _check_zero_modes(zero_modes)
     zero_modes_key = zero_modes if not isinstance(zero_modes, zm.ZeroModes) else "given"
     return _Options(shift_fn, relax_method, float(fmax), int(max_steps), float(dt_max), solver, zero_modes_key, throw)
@@ -260,32 +263,24 @@ def equilibrium(
             ``FloatingPointError`` at run time (True) or return NaN and warn.
         relax_method, fmax, max_steps, dt_max: passed to :func:`mdsens.relax`.
     """
-    return equilibrium_with_info(
-        energy_fn, positions, params, shift_fn=shift_fn, method=method, solver=solver,
-        zero_modes=zero_modes, throw=throw, relax_method=relax_method, fmax=fmax,
-        max_steps=max_steps, dt_max=dt_max, unroll_steps=unroll_steps, fd_step=fd_step,
-    )[0]
+    return _equilibrium_with_info(**locals())[0]
 
 
 def equilibrium_with_info(
-    energy_fn: EnergyFn,
-    positions: Array,
-    params: Any,
-    *,
-    shift_fn: Callable[..., Array],
-    method: str = "implicit",
-    solver: str | Solver = "cg",
-    zero_modes: Any = "auto",
-    throw: bool = True,
-    relax_method: str = "fire",
-    fmax: float = 1e-12,
-    max_steps: int = 100_000,
-    dt_max: float = 0.1,
-    unroll_steps: int = 1000,
-    fd_step: float = 1e-6,
+    energy_fn: EnergyFn, positions: Array, params: Any, **options: Any
 ) -> tuple[Array, RelaxResult | None]:
-    """:func:`equilibrium` that also returns the :class:`RelaxResult` of the
-    relaxation (None for ``method="unrolled"``, which runs a fixed number of steps)."""
+    """:func:`equilibrium` (same keyword arguments) that also returns the
+    :class:`RelaxResult` of the relaxation (None for ``method="unrolled"``,
+    which runs a fixed number of steps, and for ``"finite_difference"``)."""
+    bound = inspect.signature(equilibrium).bind(energy_fn, positions, params, **options)
+    bound.apply_defaults()
+    return _equilibrium_with_info(**bound.arguments)
+
+
+def _equilibrium_with_info(
+    energy_fn, positions, params, shift_fn, method, solver, zero_modes, throw, relax_method, fmax,
+    max_steps, dt_max, unroll_steps, fd_step,
+) -> tuple[Array, RelaxResult | None]:
     require_x64("mdsens.equilibrium")
     positions = check_positions(positions)
     params = check_params(params)
@@ -301,6 +296,15 @@ def equilibrium_with_info(
         return _finite_difference_equilibrium(energy_fn, o, float(fd_step))(positions, params, given), None
     _solver(solver)
     return _implicit_equilibrium(energy_fn, o)(positions, params, given)
+
+
+def _checked_with_info_inputs(caller, positions, params, shift_fn, solver, zero_modes, relax_method, fmax, max_steps, dt_max):
+    """Validated ``(positions, params, options, given zero modes)`` of the ``*_jvp``/``*_vjp`` functions."""
+    require_x64(caller)
+    positions, params = check_positions(positions), check_params(params)
+    o = _options(shift_fn, relax_method, fmax, max_steps, dt_max, solver, zero_modes, True)
+    _solver(solver)
+    return positions, params, o, zero_modes if isinstance(zero_modes, zm.ZeroModes) else None
 
 
 def _relax_and_modes(energy_fn, positions, params, o: _Options, given):
@@ -346,12 +350,10 @@ def equilibrium_jvp(
     One relaxation and one linear solve. Never raises on failure: check
     ``info.relax.converged`` and ``info.solve.converged``.
     """
-    require_x64("mdsens.equilibrium_jvp")
-    positions, params = check_positions(positions), check_params(params)
+    positions, params, o, given = _checked_with_info_inputs(
+        "mdsens.equilibrium_jvp", positions, params, shift_fn, solver, zero_modes, relax_method, fmax, max_steps, dt_max
+    )
     params_tangent = check_params(params_tangent, "params_tangent")
-    o = _options(shift_fn, relax_method, fmax, max_steps, dt_max, solver, zero_modes, True)
-    _solver(solver)
-    given = zero_modes if isinstance(zero_modes, zm.ZeroModes) else None
     return _jvp_with_info(energy_fn, o, positions, params, params_tangent, given)
 
 
@@ -376,14 +378,12 @@ def equilibrium_vjp(
     solve gives the derivative with respect to every parameter (e.g. all N
     per-particle diameters). Never raises on failure: check ``info``.
     """
-    require_x64("mdsens.equilibrium_vjp")
-    positions, params = check_positions(positions), check_params(params)
+    positions, params, o, given = _checked_with_info_inputs(
+        "mdsens.equilibrium_vjp", positions, params, shift_fn, solver, zero_modes, relax_method, fmax, max_steps, dt_max
+    )
     cotangent = check_positions(cotangent, "cotangent")
     if cotangent.shape != positions.shape:
         raise ValueError(f"cotangent must have the shape of positions {positions.shape}; got {cotangent.shape}.")
-    o = _options(shift_fn, relax_method, fmax, max_steps, dt_max, solver, zero_modes, True)
-    _solver(solver)
-    given = zero_modes if isinstance(zero_modes, zm.ZeroModes) else None
     return _vjp_with_info(energy_fn, o, positions, params, cotangent, given)
 
 

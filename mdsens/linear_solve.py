@@ -68,6 +68,15 @@ def _max_iter(max_iter: int | None, b: Array) -> int:
     return 10 * b.size if max_iter is None else max_iter
 
 
+def _setup(matvec, b, project, preconditioner, rtol, atol):
+    """The projected operator ``P A P``, the projected preconditioner, ``P b`` and
+    the absolute residual tolerance."""
+    A = lambda v: project(matvec(project(v)))  # noqa: E731
+    M = _identity if preconditioner is None else preconditioner(A)
+    b = project(b)
+    return A, lambda r: project(M(r)), b, jnp.maximum(rtol * jnp.linalg.norm(b), atol)
+
+
 def cg(
     rtol: float = 1e-10,
     atol: float = 0.0,
@@ -85,11 +94,7 @@ def cg(
     """
 
     def solve(matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
-        A = lambda v: project(matvec(project(v)))  # noqa: E731
-        M = _identity if preconditioner is None else preconditioner(A)
-        precondition = lambda r: project(M(r))  # noqa: E731
-        b = project(b)
-        tol = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
+        A, precondition, b, tol = _setup(matvec, b, project, preconditioner, rtol, atol)
         z = precondition(b)
         init = (jnp.zeros_like(b), b, z, jnp.vdot(b, z), 0, False)
 
@@ -126,13 +131,9 @@ def minres(
     The preconditioner, if any, must be symmetric positive definite."""
 
     def solve(matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
-        A = lambda v: project(matvec(project(v)))  # noqa: E731
-        M = _identity if preconditioner is None else preconditioner(A)
-        precondition = lambda r: project(M(r))  # noqa: E731
-        b = project(b)
+        A, precondition, b, tol = _setup(matvec, b, project, preconditioner, rtol, atol)
         y = precondition(b)
         beta1 = jnp.sqrt(jnp.maximum(jnp.vdot(b, y), 0.0))
-        tol = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
         zeros = jnp.zeros_like(b)
         # (x, r1, r2, y, w, w2, beta, old_beta, dbar, epsilon, phibar, cs, sn, k)
         init = (zeros, b, b, y, zeros, zeros, beta1, jnp.zeros_like(beta1), 0.0 * beta1,
@@ -182,11 +183,7 @@ def bicgstab(
     conditions that are not the gradient of an energy."""
 
     def solve(matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
-        A = lambda v: project(matvec(project(v)))  # noqa: E731
-        M = _identity if preconditioner is None else preconditioner(A)
-        precondition = lambda r: project(M(r))  # noqa: E731
-        b = project(b)
-        tol = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
+        A, precondition, b, tol = _setup(matvec, b, project, preconditioner, rtol, atol)
         zeros = jnp.zeros_like(b)
         one = jnp.ones((), b.dtype)
         init = (zeros, b, zeros, zeros, one, one, one, 0)
@@ -233,6 +230,9 @@ def dense(rcond: float = 1e-10, rtol: float = 1e-8, atol: float = 0.0) -> Solver
 
 def jacobi(diagonal: Array) -> Callable[[MatVec], MatVec]:
     """Jacobi preconditioner ``M = diag(A)^-1`` from a given diagonal (entries that
-    are not positive, e.g. of rattlers, are left unscaled)."""
+    are not positive, e.g. of rattlers, are left unscaled). The diagonal may have
+    the shape of the positions, as :func:`mdsens.hessian_diagonal` returns it; the
+    solvers work on flat vectors."""
+    diagonal = jnp.ravel(diagonal)
     inverse = jnp.where(diagonal > 0, 1.0 / jnp.where(diagonal > 0, diagonal, 1.0), 1.0)
     return lambda matvec: (lambda r: inverse * r)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens._checks import check_choice, check_params, check_positions, check_positive, require_x64
+from mdsens._checks import check_choice, check_params, check_positions, check_relax_options, require_x64
 
 Array = jax.Array
 
@@ -243,12 +243,7 @@ def relax(
     positions = check_positions(positions)
     params = check_params(params)
     check_choice(method, "method", METHODS)
-    for name, value in (("fmax", fmax), ("dt_max", dt_max)):
-        if not np.isfinite(value):
-            raise ValueError(f"{name} must be finite; got {value}.")
-        check_positive(value, name)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"max_steps must be an integer >= 1; got {max_steps!r}.")
+    check_relax_options(fmax, max_steps, dt_max)
     options = {
         "fmax": jnp.asarray(fmax, jnp.float64),
         "max_steps": jnp.asarray(max_steps, jnp.int32),

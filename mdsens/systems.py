@@ -133,10 +133,21 @@ def _periodic_space(side: float, dim: int):
     """A cubic periodic box whose matrix is read at call time from the ``box``
     keyword (``params["box"]``), so the box is a differentiable parameter that
     can also change between calls (packing-fraction sweeps, strain). Positions
-    stay in real coordinates and are not wrapped."""
-    box = jnp.eye(dim, dtype=jnp.float64) * side
-    displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=False, wrapped=False)
-    return box, displacement_fn, shift_fn
+    stay in real coordinates and are not wrapped.
+
+    Not ``jax_md.space.periodic_general``: its ``transform`` has a custom JVP
+    that passes tangents through unscaled, which is right to first order but
+    gives wrong second derivatives of x* (the implicit derivative of the
+    Hessian). This is the plain minimum-image displacement, exact at every order.
+    """
+    default_box = jnp.eye(dim, dtype=jnp.float64) * side
+
+    def displacement_fn(ra: Array, rb: Array, box: Array = default_box, **unused: Any) -> Array:
+        fractional = jnp.linalg.inv(box) @ (ra - rb)
+        return box @ (fractional - jnp.round(fractional))
+
+    _, shift_fn = space.free()
+    return default_box, displacement_fn, shift_fn
 
 
 def _random_positions(key: Array, n: int, box: Array) -> Array:
