@@ -6,9 +6,10 @@ members frozen and stops when the last one is done).
 
 FIRE is written here rather than taken from ``jax_md.minimize.fire_descent``:
 that one stores dt and alpha in the smallest dtype that holds their initial
-value (float16 on CPU) and adds 1e-6 to the force norm in the velocity mixing,
-which stalls it far above fmax 1e-12 in float64 (``scripts/bench_relax.py``
-measures this).
+value (float16 on CPU) and adds 1e-6 to the force norm in the velocity mixing.
+Measured by ``scripts/bench_relax.py``: it reaches fmax 1e-12 on the 2D
+soft-sphere packing and on a free LJ cluster, but diverges from the
+Kob-Andersen start where this FIRE 2.0 converges in about 1900 steps.
 """
 
 from __future__ import annotations
