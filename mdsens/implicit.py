@@ -151,16 +151,41 @@ def _warn_if_failed(converged, negative_curvature, residual, iterations) -> None
         warnings.warn(f"{error} The derivative is set to NaN.", RuntimeWarning, stacklevel=2)
 
 
+def batched_callback(callback: Callable[..., None], reductions: tuple[Callable[..., Array], ...]):
+    """``jax.debug.callback(callback, *args)`` that runs once per call site, also
+    under ``vmap``: batched arguments are first reduced over the batch axis,
+    argument ``i`` with ``reductions[i]`` (e.g. ``jnp.all``, ``jnp.max``).
+    (``jax.debug.callback`` itself is unrolled once per batch member, so under
+    ``jacrev`` of ``x*`` or nested ``vmap`` the number of callbacks, and the
+    compile time, grows with the product of the batch sizes.)"""
+
+    @jax.custom_batching.custom_vmap
+    def report(*args):
+        jax.debug.callback(callback, *args)
+        return args[0]
+
+    @report.def_vmap
+    def report_batch(axis_size, in_batched, *args):
+        del axis_size
+        report(*(reduce(a, axis=0) if b else a for reduce, a, b in zip(reductions, args, in_batched)))
+        return args[0], in_batched[0]
+
+    return report
+
+
+_REPORT_REDUCTIONS = (jnp.all, jnp.any, jnp.max, jnp.max)
+
+
 def enforce(solve: Solver, throw: bool) -> Solver:
     """Wrap a solver with the failure policy used inside derivatives: when a
     solve fails, raise (``throw=True``) or return NaN and warn (``throw=False``).
     The check runs where the solve runs, so it applies in forward mode, in
     reverse mode (the transposed solve) and at higher orders."""
+    report = batched_callback(_raise_if_failed if throw else _warn_if_failed, _REPORT_REDUCTIONS)
 
     def checked(matvec, b, project):
         x, info = solve(matvec, b, project)
-        report = _raise_if_failed if throw else _warn_if_failed
-        jax.debug.callback(report, info.converged, info.negative_curvature, info.residual, info.iterations)
+        report(info.converged, info.negative_curvature, info.residual, info.iterations)
         if not throw:
             x = jnp.where(info.converged, x, jnp.nan)
         return x, info

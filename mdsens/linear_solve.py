@@ -68,12 +68,22 @@ def _max_iter(max_iter: int | None, b: Array) -> int:
     return 10 * b.size if max_iter is None else max_iter
 
 
+def _project_rhs(project: Projector, b: Array) -> Array:
+    """``P b``, or exactly zero if ``b`` lies along the zero modes (e.g. a cotangent
+    that is a rigid translation): its projection is then rounding noise, itself
+    along the zero modes, on which no relative tolerance can be met (CG would
+    report zero curvature as negative curvature)."""
+    b_norm = jnp.linalg.norm(b)
+    b = project(b)
+    return jnp.where(jnp.linalg.norm(b) <= b.size * jnp.finfo(b.dtype).eps * b_norm, 0.0, b)
+
+
 def _setup(matvec, b, project, preconditioner, rtol, atol):
     """The projected operator ``P A P``, the projected preconditioner, ``P b`` and
     the absolute residual tolerance."""
     A = lambda v: project(matvec(project(v)))  # noqa: E731
     M = _identity if preconditioner is None else preconditioner(A)
-    b = project(b)
+    b = _project_rhs(project, b)
     return A, lambda r: project(M(r)), b, jnp.maximum(rtol * jnp.linalg.norm(b), atol)
 
 
@@ -220,7 +230,7 @@ def dense(rcond: float = 1e-10, rtol: float = 1e-8, atol: float = 0.0) -> Solver
 
     def solve(matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
         A = lambda v: project(matvec(project(v)))  # noqa: E731
-        b = project(b)
+        b = _project_rhs(project, b)
         matrix = jax.vmap(A, out_axes=1)(jnp.eye(b.size, dtype=b.dtype))
         x = project(jnp.linalg.pinv(matrix, rtol=rcond, hermitian=False) @ b)
         return _finish(A, b, x, 0, False, rtol, atol)
