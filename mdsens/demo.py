@@ -49,7 +49,7 @@ def run(n: int = 128, phi: float = 0.9, seed: int = 0, out: str = "out/demo") ->
     np.save(out_dir / "sensitivity.npy", sensitivity)
     diameters = np.asarray(system.params["diameters"])[np.asarray(system.species)]
     figure = plotting.sensitivity_figure(
-        positions, diameters, np.asarray(system.species), np.asarray(system.box), sensitivity,
+        positions, diameters, np.asarray(system.species), np.diag(np.asarray(system.box)), sensitivity,
         title=f"dx*/d(small diameter), N={n}, phi={phi}",
     )
     figure.savefig(out_dir / "sensitivity.png", dpi=150)
