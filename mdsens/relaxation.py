@@ -85,6 +85,14 @@ class _DescentState:
     step: Array
 
 
+def _safe_norm(v: Array) -> Array:
+    """|v| with a zero (not NaN) derivative at v = 0, where an exactly converged
+    FIRE run sits: unrolled reverse mode differentiates through it."""
+    squared = jnp.vdot(v, v)
+    positive = squared > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
 def max_force(forces: Array) -> Array:
     """Largest per-particle force norm, ``max_i |F_i|`` (ASE's ``fmax``)."""
     return jnp.max(jnp.sqrt(jnp.sum(forces**2, axis=-1)))
@@ -120,8 +128,8 @@ def _fire_minimiser(force_fn, shift_fn, positions, options):
         v = jnp.where(uphill, 0.0, s.velocity)
 
         v = v + dt * s.force
-        v_norm = jnp.linalg.norm(v)
-        f_norm = jnp.linalg.norm(s.force)
+        v_norm = _safe_norm(v)
+        f_norm = _safe_norm(s.force)
         steer = jnp.where(f_norm > 0, v_norm / jnp.where(f_norm > 0, f_norm, 1.0), 0.0)
         v = (1.0 - alpha) * v + alpha * steer * s.force
         x = shift_fn(x, dt * v)

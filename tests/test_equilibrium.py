@@ -269,7 +269,8 @@ def case_fixture(names: tuple[str, ...]):
 
 
 case = case_fixture(("ss2d", "rattler2d", "ss3d", "lj13"))
-case2 = case_fixture(("ss2d", "ss3d", "lj13"))  # second derivatives
+case2 = case_fixture(("ss2d", "ss3d", "lj13"))  # the three required systems
+packing2d = case_fixture(("ss2d", "rattler2d"))
 ss2d = case_fixture(("ss2d",))
 rattler = case_fixture(("rattler2d",))
 lj13 = case_fixture(("lj13",))
@@ -312,12 +313,12 @@ def test_zero_modes_match_dense_null_space(case: Case) -> None:
 def test_lj_pairs_energy_is_the_cluster_energy(lj13: Case, lj_cluster: systems.System) -> None:
     energy_fn = lj_pairs_energy(lj_cluster.n)
     theta = {"sigma": jnp.ones(lj_cluster.n), "epsilon": jnp.asarray(1.0)}
+    ours = jax.jit(jax.value_and_grad(energy_fn))
+    theirs = jax.jit(jax.value_and_grad(lj_cluster.energy_fn))
     for positions in (lj_cluster.positions, jnp.asarray(lj13.x)):
-        expected = lj_cluster.energy_fn(positions, lj_cluster.params)
-        assert float(energy_fn(positions, theta)) == pytest.approx(float(expected), rel=1e-12)
-        np.testing.assert_allclose(
-            jax.grad(energy_fn)(positions, theta), jax.grad(lj_cluster.energy_fn)(positions, lj_cluster.params), atol=1e-10
-        )
+        (e, g), (expected_e, expected_g) = ours(positions, theta), theirs(positions, lj_cluster.params)
+        assert float(e) == pytest.approx(float(expected_e), rel=1e-12)
+        np.testing.assert_allclose(g, expected_g, rtol=0, atol=1e-10 * float(jnp.max(jnp.abs(expected_g))) + 1e-12)
 
 
 # ---------------------------------------------------------------------------
@@ -325,7 +326,8 @@ def test_lj_pairs_energy_is_the_cluster_energy(lj13: Case, lj_cluster: systems.S
 # ---------------------------------------------------------------------------
 
 
-def test_equilibrium_jvp(case: Case) -> None:
+def test_equilibrium_jvp(packing2d: Case) -> None:
+    case = packing2d
     ref = dense_reference(case)
     tangent = random_like(case.theta, 1)
     x, dx, info = mdsens.equilibrium_jvp(
@@ -333,6 +335,8 @@ def test_equilibrium_jvp(case: Case) -> None:
     )
     np.testing.assert_allclose(x, case.x, rtol=0, atol=1e-9)
     assert rel_err(dx.ravel(), ref.J @ ravel_pytree(tangent)[0]) <= RTOL
+    if case.name == "rattler2d":  # the rattler does not move (minimum norm)
+        np.testing.assert_array_equal(dx[RATTLER], 0.0)
     assert isinstance(info, mdsens.EquilibriumInfo)
     assert bool(info.relax.converged) and float(info.relax.fmax) <= FMAX
     assert bool(info.solve.converged) and not bool(info.solve.negative_curvature)
@@ -366,18 +370,15 @@ def test_translation_cotangent_has_zero_derivative(ss2d: Case) -> None:
     assert float(jnp.max(jnp.abs(ravel_pytree(theta_bar)[0]))) == 0.0
 
 
-def test_jacfwd_jacrev_rattler(rattler: Case) -> None:
+def test_jacrev_rattler(rattler: Case) -> None:
+    """Every row of jacrev is a cotangent e_i, including e_i on the rattler."""
     ref = dense_reference(rattler)
-    x_star = rattler.x_star()
-    forward = jax.jacfwd(x_star)(rattler.flat_theta).reshape(ref.J.shape)
-    reverse = jax.jacrev(x_star)(rattler.flat_theta).reshape(ref.J.shape)
-    assert rel_err(forward, ref.J) <= RTOL
+    reverse = jax.jacrev(rattler.x_star())(rattler.flat_theta).reshape(ref.J.shape)
     assert rel_err(reverse, ref.J) <= RTOL
     # The rattler does not move with any parameter (minimum norm), and its own
-    # diameter moves nothing.
-    rows = slice(RATTLER * 2, RATTLER * 2 + 2)
-    assert float(np.max(np.abs(forward[rows]))) <= 1e-12
-    assert float(np.max(np.abs(forward[:, RATTLER]))) <= 1e-12
+    # diameter (column RATTLER of the flat parameters) moves nothing.
+    assert float(np.max(np.abs(reverse[2 * RATTLER : 2 * RATTLER + 2]))) <= 1e-12
+    assert float(np.max(np.abs(reverse[:, RATTLER]))) <= 1e-12
 
 
 def rattler_cotangent(case: Case) -> jax.Array:
@@ -525,27 +526,30 @@ def dimer_x_star(**options: Any) -> Callable[[jax.Array], jax.Array]:
 
 
 def test_dimer_analytic_first_and_second_derivatives() -> None:
+    """Translations and the rotation are zero modes; the minimum-norm derivative
+    moves the two particles apart along the bond."""
     flat = ravel_pytree(DIMER_THETA)[0]  # (k, length)
     x_analytic, d_length = dimer_analytic(1.7)
     x_star = dimer_x_star()
     np.testing.assert_allclose(x_star(flat), x_analytic, atol=1e-11)
-    jacobian = jax.jacfwd(x_star)(flat)
-    np.testing.assert_allclose(jacobian[..., 1], d_length, atol=1e-10)
-    np.testing.assert_allclose(jacobian[..., 0], 0.0, atol=1e-10)
-    np.testing.assert_allclose(jax.jacrev(x_star)(flat), jacobian, atol=1e-10)
-    # x* is linear in the length and independent of k.
-    np.testing.assert_allclose(jax.jacfwd(jax.jacrev(x_star))(flat), 0.0, atol=1e-9)
+    # x* is linear in the length and independent of k: zero second derivative.
+    second, first = jax.jit(jax.jacfwd(lambda t: (lambda J: (J, J))(jax.jacrev(x_star)(t)), has_aux=True))(flat)
+    np.testing.assert_allclose(first[..., 1], d_length, atol=1e-10)
+    np.testing.assert_allclose(first[..., 0], 0.0, atol=1e-10)
+    np.testing.assert_allclose(second, 0.0, atol=1e-9)
 
 
-def test_unrolled_matches_implicit_on_dimer() -> None:
+def test_unrolled_matches_analytic_on_dimer() -> None:
+    jacobian = np.stack([np.zeros((2, 2)), dimer_analytic(1.7)[1]], axis=-1)
     flat = ravel_pytree(DIMER_THETA)[0]
-    implicit = jax.jacfwd(dimer_x_star())(flat)
-    unrolled = dimer_x_star(method="unrolled", unroll_steps=2000)
-    np.testing.assert_allclose(jax.jacfwd(unrolled)(flat), implicit, atol=1e-9)
-    np.testing.assert_allclose(jax.jacrev(unrolled)(flat), implicit, atol=1e-9)
+    # 1000 FIRE steps drive force and velocity to exactly zero: reverse mode must
+    # stay finite there (the derivative of |v| at v = 0).
+    unrolled = dimer_x_star(method="unrolled", unroll_steps=1000)
+    np.testing.assert_allclose(jax.jit(jax.jacfwd(unrolled))(flat), jacobian, atol=1e-9)
+    np.testing.assert_allclose(jax.jit(jax.jacrev(unrolled))(flat), jacobian, atol=1e-9)
     # Far from converged, the unrolled derivative is not the implicit one.
     short = dimer_x_star(method="unrolled", unroll_steps=5)
-    assert float(jnp.max(jnp.abs(jax.jacfwd(short)(flat) - implicit))) > 1e-3
+    assert float(jnp.max(jnp.abs(jax.jit(jax.jacfwd(short))(flat) - jacobian))) > 1e-3
 
 
 def test_unrolled_matches_implicit_on_packing(ss2d: Case) -> None:
@@ -635,13 +639,15 @@ def test_saddle_raises_through_equilibrium() -> None:
 
 
 def test_linear_solve_out_of_iterations(ss2d: Case) -> None:
-    few = linear_solve.cg(max_iter=2)
+    # Raising through equilibrium on an unconverged solve: test_rattler_without_zero_modes_fails_loudly.
     tangent = random_like(ss2d.theta, 8)
-    _, _, info = mdsens.equilibrium_jvp(ss2d.energy_fn, ss2d.start, ss2d.theta, tangent, shift_fn=ss2d.shift_fn, dt_max=ss2d.dt_max, solver=few)
+    _, _, info = mdsens.equilibrium_jvp(
+        ss2d.energy_fn, ss2d.start, ss2d.theta, tangent, shift_fn=ss2d.shift_fn, dt_max=ss2d.dt_max,
+        solver=linear_solve.cg(max_iter=2),
+    )
+    assert bool(info.relax.converged)
     assert not bool(info.solve.converged) and not bool(info.solve.negative_curvature)
-    assert int(info.solve.iterations) == 2 and float(info.solve.residual) > 1e-10
-    with raises_with("did not converge"):
-        jax.block_until_ready(jax.jvp(ss2d.x_star(solver=few), (ss2d.flat_theta,), (ravel_pytree(tangent)[0],)))
+    assert int(info.solve.iterations) == 2 and float(info.solve.residual) > 1e-3
 
 
 def test_unconverged_relaxation(ss2d: Case) -> None:
@@ -659,9 +665,12 @@ def test_unconverged_relaxation(ss2d: Case) -> None:
 
 
 def test_energy_sensitivity_matches_finite_differences(ss2d: Case) -> None:
-    sensitivity = ravel_pytree(mdsens.energy_sensitivity(ss2d.energy_fn, jnp.asarray(ss2d.x), ss2d.theta))[0]
+    sensitivity = jax.jit(lambda x, t: ravel_pytree(mdsens.energy_sensitivity(ss2d.energy_fn, x, t))[0])(
+        jnp.asarray(ss2d.x), ss2d.theta
+    )
     h = 1e-5  # the error is ~ h^2 E'''; E* is stiff in the diameters (7e-7 relative at h = 1e-4)
-    relaxed_energy = lambda flat: float(ss2d.energy_fn(jnp.asarray(ss2d.relax(ss2d.x, ss2d.unravel(flat))), ss2d.unravel(flat)))  # noqa: E731
+    energy = jax.jit(ss2d.energy_fn)
+    relaxed_energy = lambda flat: float(energy(jnp.asarray(ss2d.relax(ss2d.x, ss2d.unravel(flat))), ss2d.unravel(flat)))  # noqa: E731
     expected = []
     for k in range(ss2d.flat_theta.size):
         e = jnp.zeros_like(ss2d.flat_theta).at[k].set(h)
@@ -670,13 +679,14 @@ def test_energy_sensitivity_matches_finite_differences(ss2d: Case) -> None:
 
 
 def test_hessian_diagonal(ss2d: Case) -> None:
-    diagonal = mdsens.hessian_diagonal(ss2d.energy_fn, jnp.asarray(ss2d.x), ss2d.theta, batch_size=8)
+    diagonal = jax.jit(lambda x, t: mdsens.hessian_diagonal(ss2d.energy_fn, x, t, batch_size=8))(jnp.asarray(ss2d.x), ss2d.theta)
     assert diagonal.shape == ss2d.x.shape
     np.testing.assert_allclose(np.asarray(diagonal).ravel(), np.diag(dense_reference(ss2d).H), rtol=1e-12, atol=1e-14)
 
 
 def test_jacobi_preconditioned_solve(rattler: Case) -> None:
-    diagonal = mdsens.hessian_diagonal(rattler.energy_fn, jnp.asarray(rattler.x), rattler.theta)
+    diagonal = jax.jit(lambda x, t: mdsens.hessian_diagonal(rattler.energy_fn, x, t))(jnp.asarray(rattler.x), rattler.theta)
+    assert float(jnp.max(jnp.abs(diagonal[RATTLER]))) == 0.0  # left unscaled by jacobi
     tangent = random_like(rattler.theta, 9)
     results = {}
     for name, solver in (("plain", "cg"), ("jacobi", linear_solve.cg(preconditioner=linear_solve.jacobi(diagonal)))):
