@@ -48,7 +48,10 @@ def main() -> None:
     if command == "demo":
         args = [str(PYTHON), "-m", "mdsens.demo", *rest]
     else:
-        args = [str(PYTHON), "-m", "pytest", *rest]
+        # Tests are compile-bound and single-threaded: one worker per core
+        # (pytest-xdist), unless the caller chose otherwise.
+        parallel = [] if any(a.startswith(("-n", "-p")) for a in rest) else ["-n", "auto"]
+        args = [str(PYTHON), "-m", "pytest", *parallel, *rest]
     os.chdir(ROOT)
     sys.exit(subprocess.run(args).returncode)
 
