@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -82,5 +83,73 @@ def sensitivity_figure(
     fig, ax = plt.subplots(figsize=(6, 6))
     draw_packing(ax, positions, diameters, species, box=box, arrows=sensitivity)
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def arrow_scale_for(field: np.ndarray, diameters: np.ndarray) -> float:
+    """Arrow length per unit of ``field`` that draws its longest vector one mean diameter long."""
+    longest = np.max(np.linalg.norm(np.asarray(field), axis=1))
+    return float(np.mean(diameters) / longest) if longest > 0 else 1.0
+
+
+def sensitivity_comparison(
+    positions: np.ndarray,
+    diameters: np.ndarray,
+    species: np.ndarray,
+    box: np.ndarray | None,
+    fields: Mapping[str, np.ndarray],
+    reference: np.ndarray,
+    title: str,
+) -> plt.Figure:
+    """One packing panel per sensitivity field, all arrows on the scale of
+    ``reference``, each titled with its max-abs error against ``reference``;
+    a last panel shows the per-particle error norms ``|d_i - d_ref,i|``
+    (log scale, sorted) of every field."""
+    fig, axes = plt.subplots(1, len(fields) + 1, figsize=(4.4 * (len(fields) + 1), 4.6))
+    scale = arrow_scale_for(reference, diameters)
+    for ax, (label, field) in zip(axes, fields.items()):
+        draw_packing(ax, positions, diameters, species, box=box, arrows=field, arrow_scale=scale)
+        ax.set_title(f"{label}\nmax error {np.max(np.abs(field - reference)):.1e}", fontsize=10)
+    ax = axes[-1]
+    tiny = np.finfo(np.float64).tiny
+    for label, field in fields.items():
+        error = np.sort(np.linalg.norm(np.asarray(field) - reference, axis=1))[::-1]
+        ax.semilogy(np.arange(1, error.size + 1), np.maximum(error, tiny), ".-", label=label)
+    ax.set_xlabel("particles, by decreasing error")
+    ax.set_ylabel(r"$|\partial_\theta x_i - \partial_\theta x_i^{\rm dense}|$")
+    ax.legend(fontsize=8)
+    ax.set_title("error against the dense pseudo-inverse", fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def precision_figure(
+    steps: np.ndarray,
+    errors: Mapping[str, np.ndarray],
+    fmax: np.ndarray,
+    distance: np.ndarray,
+    title: str,
+) -> plt.Figure:
+    """Derivative errors after k minimiser steps: against k (with the residual
+    force ``fmax`` of x_k, dashed) and against the distance ``|x_k - x*|``
+    (with a slope-1 guide: the linear bound of Blondel et al., Theorem 1)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for label, error in errors.items():
+        left.semilogy(steps, error, "o-", label=label)
+        right.loglog(distance, error, "o-", label=label)
+    left.semilogy(steps, fmax, "k--", lw=1, label=r"$f_{\max}$ of $x_k$")
+    left.set_xlabel("minimiser steps k")
+    left.set_ylabel("max-abs error of dx*/dθ")
+    left.legend(fontsize=8)
+    positive = distance > 0
+    if np.any(positive):
+        d = np.asarray(distance)[positive]
+        anchor = np.max(np.asarray(next(iter(errors.values())))[positive] / d)
+        right.loglog(d, anchor * d, "k:", lw=1, label="slope 1")
+    right.set_xlabel(r"$\max |x_k - x^*|$")
+    right.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -1,0 +1,59 @@
+"""Every notebook runs top to bottom at small size (MDSENS_NOTEBOOK_SMALL=1) and
+produces the numbers its figure claims. Each notebook's last cell prints its
+summary as JSON; the checks below are on those numbers."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def execute(name: str, out: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Run a notebook in a fresh kernel (cwd: notebooks/) and return its printed summary."""
+    monkeypatch.setenv("MDSENS_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("MDSENS_NOTEBOOK_OUT", str(out))
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    printed = "".join(o.get("text", "") for o in notebook.cells[-1].outputs if o.output_type == "stream")
+    summary = json.loads(printed)
+    for figure in summary["figures"]:
+        assert pathlib.Path(figure).parent == out and pathlib.Path(figure).stat().st_size > 10_000
+    return summary
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebook_stored_without_outputs(path: pathlib.Path) -> None:
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear outputs before committing"
+
+
+def test_sensitivity_notebook(tmp_path, monkeypatch) -> None:
+    s = execute("01_sensitivity.ipynb", tmp_path, monkeypatch)
+    assert s["relax"]["converged"] and s["relax"]["fmax"] <= 1e-12
+    assert s["reference_max_abs"] > 0.1  # a field worth drawing
+    error = s["max_abs_error"]
+    # Implicit matches the dense pseudo-inverse to CG's tolerance; finite
+    # differences to their O(h^2) + rounding; unrolled is far worse than implicit.
+    assert error["implicit"] <= 1e-8
+    assert error["finite_difference"] <= 1e-4
+    assert error["unrolled"] >= 100 * error["implicit"]
+
+
+def test_precision_notebook(tmp_path, monkeypatch) -> None:
+    s = execute("02_jacobian_precision.ipynb", tmp_path, monkeypatch)
+    rows = s["rows"]
+    assert rows[-1]["steps"] == s["converged_steps"] and rows[-1]["implicit"] <= 1e-8
+    near = [row for row in rows if row["distance"] < 1e-4]
+    assert len(near) >= 3
+    for row in near:
+        # Theorem 1 of Blondel et al.: the implicit error is linear in |x_k - x*|,
+        # and here far below the unrolled error at the same k.
+        assert row["implicit"] <= 1e3 * row["distance"] + 1e-8
+        assert row["implicit"] <= row["unrolled"] / 10
