@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -150,6 +150,33 @@ def precision_figure(
         right.loglog(d, anchor * d, "k:", lw=1, label="slope 1")
     right.set_xlabel(r"$\max |x_k - x^*|$")
     right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def design_figure(
+    loss: Sequence[float],
+    curves: Mapping[str, Sequence[float]],
+    structures: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    species: np.ndarray,
+    box: np.ndarray | None,
+    title: str,
+) -> plt.Figure:
+    """An optimisation history: the loss (log scale), parameter ``curves`` against
+    the step, and packings drawn to scale (``structures``: title -> (positions,
+    per-particle diameters))."""
+    fig, axes = plt.subplots(1, 2 + len(structures), figsize=(4.2 * (2 + len(structures)), 4.2))
+    axes[0].semilogy(loss, "o-")
+    axes[0].set_xlabel("outer step")
+    axes[0].set_ylabel("loss")
+    for label, values in curves.items():
+        axes[1].plot(values, "o-", label=label)
+    axes[1].set_xlabel("outer step")
+    axes[1].legend(fontsize=8)
+    for ax, (label, (positions, diameters)) in zip(axes[2:], structures.items()):
+        draw_packing(ax, positions, diameters, species, box=box)
+        ax.set_title(label, fontsize=10)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
