@@ -134,20 +134,22 @@ def precision_figure(
 ) -> plt.Figure:
     """Derivative errors after k minimiser steps: against k (with the residual
     force ``fmax`` of x_k, dashed) and against the distance ``|x_k - x*|``
-    (with a slope-1 guide: the linear bound of Blondel et al., Theorem 1)."""
+    (with a slope-1 guide through the point nearest x*: the linear bound of
+    Blondel et al., Theorem 1). NaN errors are left out."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     for label, error in errors.items():
         left.semilogy(steps, error, "o-", label=label)
-        right.loglog(distance, error, "o-", label=label)
+        right.loglog(distance, error, "o", label=label)
     left.semilogy(steps, fmax, "k--", lw=1, label=r"$f_{\max}$ of $x_k$")
     left.set_xlabel("minimiser steps k")
     left.set_ylabel("max-abs error of dx*/dθ")
     left.legend(fontsize=8)
-    positive = distance > 0
-    if np.any(positive):
-        d = np.asarray(distance)[positive]
-        anchor = np.max(np.asarray(next(iter(errors.values())))[positive] / d)
-        right.loglog(d, anchor * d, "k:", lw=1, label="slope 1")
+    first = np.asarray(next(iter(errors.values())))
+    usable = (np.asarray(distance) > 0) & np.isfinite(first)
+    if np.any(usable):
+        d, e = np.asarray(distance)[usable], first[usable]
+        nearest = np.argmin(d)
+        right.loglog(np.sort(d), e[nearest] / d[nearest] * np.sort(d), "k:", lw=1, label="slope 1")
     right.set_xlabel(r"$\max |x_k - x^*|$")
     right.legend(fontsize=8)
     fig.suptitle(title)
@@ -178,5 +180,39 @@ def design_figure(
         draw_packing(ax, positions, diameters, species, box=box)
         ax.set_title(label, fontsize=10)
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def seed_band(ax: Axes, x: np.ndarray, samples: np.ndarray, label: str, color: str | None = None) -> None:
+    """Seed mean of ``samples`` ``(len(x), n_seeds)`` against ``x``, with a +-1 std band."""
+    mean, spread = np.mean(samples, axis=1), np.std(samples, axis=1)
+    (line,) = ax.plot(x, mean, "o-", label=label, color=color, ms=3)
+    ax.fill_between(x, mean - spread, mean + spread, color=line.get_color(), alpha=0.25, lw=0)
+
+
+def sweep_figure(coordinates: Mapping[str, np.ndarray], observables: Mapping[str, np.ndarray], title: str) -> plt.Figure:
+    """Observables of a two-parameter sweep: one row per coordinate (the x axis),
+    one line per value of the other coordinate, one column per observable.
+
+    Args:
+        coordinates: two 1-D arrays over the sweep's points (e.g. phi and a ratio).
+        observables: arrays ``(point, seed)``; seed mean +-1 std is drawn.
+    """
+    names = list(coordinates)
+    if len(names) != 2:
+        raise ValueError(f"sweep_figure needs two coordinates; got {names}.")
+    fig, axes = plt.subplots(2, len(observables), figsize=(3.8 * len(observables), 6.6), squeeze=False)
+    for row, (x_name, group_name) in enumerate((names, names[::-1])):
+        x, group = np.asarray(coordinates[x_name]), np.asarray(coordinates[group_name])
+        for ax, (label, samples) in zip(axes[row], observables.items()):
+            for value in np.unique(group):
+                members = np.flatnonzero(group == value)
+                members = members[np.argsort(x[members])]
+                seed_band(ax, x[members], np.asarray(samples)[members], f"{group_name} {value:.3g}")
+            ax.set_xlabel(x_name)
+            ax.set_ylabel(label)
+        axes[row, 0].legend(fontsize=7)
+    fig.suptitle(f"{title}\n(seed mean ± std)", fontsize=10)
     fig.tight_layout()
     return fig
