@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Callable, Sequence
@@ -69,7 +70,9 @@ class Packing:
         }
 
 
+@functools.lru_cache(maxsize=4)
 def packing(n: int, phi: float = PHI, seed: int = SEED) -> Packing:
+    """The packing, built once per process: its energy is the key of compiled programs."""
     system = systems.soft_sphere_packing(n, dim=2, phi=phi, diameters=DIAMETERS, seed=seed)
     base = system.params
 

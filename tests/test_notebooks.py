@@ -1,26 +1,40 @@
 """Every notebook runs top to bottom at small size (MDSENS_NOTEBOOK_SMALL=1) and
 produces the numbers its figure claims. Each notebook's last cell prints its
-summary as JSON; the checks below are on those numbers."""
+summary as JSON; the checks below are on those numbers.
+
+The notebooks share one kernel (cwd: notebooks/), so that JAX, jax-md and
+mdsens are imported once; each notebook starts from an empty namespace
+(``%reset -f``), so it cannot use names another one defined."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import nbformat
 import numpy as np
 import pytest
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def execute(name: str, out: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Run a notebook in a fresh kernel (cwd: notebooks/) and return its printed summary."""
-    monkeypatch.setenv("MDSENS_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("MDSENS_NOTEBOOK_OUT", str(out))
+@pytest.fixture(scope="module")
+def kernel():
+    manager = KernelManager(kernel_name="python3")
+    manager.start_kernel(cwd=str(NOTEBOOKS), env={**os.environ, "MDSENS_NOTEBOOK_SMALL": "1"})
+    yield manager
+    manager.shutdown_kernel(now=True)
+
+
+def execute(name: str, out: pathlib.Path, kernel: KernelManager) -> dict:
+    """Run a notebook in the shared kernel, figures to ``out``; return its printed summary."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    isolate = f"%reset -f\nimport os\nos.environ['MDSENS_NOTEBOOK_OUT'] = {str(out)!r}"
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(isolate))
+    NotebookClient(notebook, km=kernel, timeout=600).execute()
     printed = "".join(o.get("text", "") for o in notebook.cells[-1].outputs if o.output_type == "stream")
     summary = json.loads(printed)
     for figure in summary["figures"]:
@@ -35,8 +49,8 @@ def test_notebook_stored_without_outputs(path: pathlib.Path) -> None:
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear outputs before committing"
 
 
-def test_sensitivity_notebook(tmp_path, monkeypatch) -> None:
-    s = execute("01_sensitivity.ipynb", tmp_path, monkeypatch)
+def test_sensitivity_notebook(tmp_path, kernel) -> None:
+    s = execute("01_sensitivity.ipynb", tmp_path, kernel)
     assert s["relax"]["converged"] and s["relax"]["fmax"] <= 1e-12
     assert s["reference_max_abs"] > 0.1  # a field worth drawing
     error = s["max_abs_error"]
@@ -47,8 +61,8 @@ def test_sensitivity_notebook(tmp_path, monkeypatch) -> None:
     assert error["unrolled"] >= 100 * error["implicit"]
 
 
-def test_precision_notebook(tmp_path, monkeypatch) -> None:
-    s = execute("02_jacobian_precision.ipynb", tmp_path, monkeypatch)
+def test_precision_notebook(tmp_path, kernel) -> None:
+    s = execute("02_jacobian_precision.ipynb", tmp_path, kernel)
     rows = s["rows"]
     assert rows[-1]["steps"] == s["converged_steps"] and rows[-1]["implicit"] <= 1e-8
     near = [row for row in rows if row["distance"] < 1e-4]
@@ -70,8 +84,8 @@ def harmonic_pressure(positions: np.ndarray, diameters: np.ndarray, box_sides: n
     return float(pair.sum() / (2.0 * np.prod(box_sides)))
 
 
-def test_inverse_design_notebook(tmp_path, monkeypatch) -> None:
-    s = execute("04_inverse_design.ipynb", tmp_path, monkeypatch)
+def test_inverse_design_notebook(tmp_path, kernel) -> None:
+    s = execute("04_inverse_design.ipynb", tmp_path, kernel)
     loss = [step["loss"] for step in s["history"]]
     assert loss[-1] <= 1e-3 * loss[0]
     check = s["gradient_check"]
@@ -80,3 +94,4 @@ def test_inverse_design_notebook(tmp_path, monkeypatch) -> None:
     diameters = np.asarray(s["history"][-1]["diameters"])[np.asarray(s["species"])]
     pressure = harmonic_pressure(np.asarray(s["final_positions"]), diameters, np.asarray(s["box_sides"]))
     assert abs(pressure / s["target_pressure"] - 1.0) <= 1e-3
+
