@@ -1,4 +1,6 @@
-"""Matplotlib helpers: packings drawn to scale, with sensitivity arrows."""
+"""Matplotlib helpers: packings drawn to scale with sensitivity arrows, comparisons
+of derivative methods, convergence curves, optimisation histories, parameter
+sweeps with seed spread, and power laws with fitted exponents."""
 
 from __future__ import annotations
 
@@ -54,8 +56,7 @@ def draw_packing(
     if arrows is not None:
         arrows = np.asarray(arrows)
         if arrow_scale is None:
-            longest = np.max(np.linalg.norm(arrows, axis=1))
-            arrow_scale = np.mean(diameters) / longest if longest > 0 else 1.0
+            arrow_scale = arrow_scale_for(arrows, diameters)
         ax.quiver(
             positions[:, 0], positions[:, 1], arrows[:, 0] * arrow_scale, arrows[:, 1] * arrow_scale,
             angles="xy", scale_units="xy", scale=1.0, width=0.004, color="k",
@@ -214,5 +215,34 @@ def sweep_figure(coordinates: Mapping[str, np.ndarray], observables: Mapping[str
             ax.set_ylabel(label)
         axes[row, 0].legend(fontsize=7)
     fig.suptitle(f"{title}\n(seed mean ± std)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_figure(
+    x: np.ndarray,
+    panels: Sequence[Mapping[str, np.ndarray]],
+    exponents: Mapping[str, tuple[float, float]],
+    xlabel: str,
+    title: str,
+) -> plt.Figure:
+    """Power laws on log-log axes: one panel per mapping ``label -> samples
+    (n_seeds, len(x))``; seeds as dots, the seed mean as circles, and the line
+    ``c x^a`` with ``(a, uncertainty) = exponents[label]`` through the means."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    x = np.asarray(x)
+    for ax, panel in zip(axes[0], panels):
+        for i, (label, samples) in enumerate(panel.items()):
+            color = f"C{i}"
+            samples = np.asarray(samples)
+            mean = samples.mean(axis=0)
+            ax.loglog(np.broadcast_to(x, samples.shape).ravel(), samples.ravel(), ".", color=color, alpha=0.3)
+            ax.loglog(x, mean, "o", color=color)
+            a, error = exponents[label]
+            c = np.exp(np.mean(np.log(mean) - a * np.log(x)))
+            ax.loglog(x, c * x**a, "-", color=color, label=f"{label}: exponent {a:.3f} ± {error:.3f}")
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
