@@ -123,8 +123,12 @@ def bench_size(n: int, fd_params: int, with_dense: bool, with_unrolled: bool) ->
                 energy_fn, x0, q, shift_fn=shift_fn, n_steps=steps, dt_max=system.dt_max))
             return jax.grad(objective)(p)
 
-        unrolled, out["unrolled_grad_s"] = timed(unrolled_grad, system.positions, params)
-        if grad_ref is not None:
+        try:
+            unrolled, out["unrolled_grad_s"] = timed(unrolled_grad, system.positions, params)
+        except jax.errors.JaxRuntimeError as error:  # reverse mode stores every step's pair arrays
+            out["unrolled_grad"] = str(error).splitlines()[0]
+            unrolled = None
+        if grad_ref is not None and unrolled is not None:
             # Unrolled FIRE conserves the centre of mass, so it has no translation
             # component to remove; compare as is.
             out["unrolled_grad_error"] = rel_error(unrolled["diameters"], grad_ref)
