@@ -1,0 +1,448 @@
+"""The TOML configuration of a study: parsing, validation, canonical form.
+
+Pure Python (``tomllib``), no JAX: a bad configuration is reported before
+anything heavy is imported. Every error is a :class:`StudyConfigError` whose
+message names the offending key (``grid.phi[2]``, ``relax.fmax``...).
+
+Schema (every section but ``[system]`` is optional)::
+
+    [study]
+    description = "free text"
+    seeds = 4                 # 4 -> seeds 0, 1, 2, 3; or a list [0, 7, 11]
+    chunk_size = 32           # samples (point x seed) per vmapped batch
+    schedule = "compact"      # or "vmap" (one vmapped while-loop per chunk)
+
+    [system]                  # a builder of mdsens.systems and its arguments
+    builder = "soft_sphere_packing"
+    n = 32
+    diameters = [1.0, 1.4]
+
+    [grid]                    # Cartesian product, first key varies slowest
+    phi = [0.84, 0.88]
+    diameters = [[1.0, 1.2], [1.0, 1.4]]
+
+    # or, instead of [grid], an explicit list of points:
+    # [[points]]
+    # phi = 0.84
+
+    [relax]                   # mdsens.relax options
+    method = "fire"           # or "gradient_descent"
+    fmax = 1e-12
+    max_steps = 100000
+    # dt_max = 0.4            # default: the system's own
+
+    [solve]                   # linear solves of the sensitivities
+    solver = "cg"             # cg, minres, bicgstab, dense
+    rtol = 1e-10
+    zero_modes = "auto"       # or "none"
+
+    [sensitivities.small_diameter]   # a named forward-mode tangent of params
+    diameters = [1.0, 0.0]           # scalar (broadcast) or array per param
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import pathlib
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+# Argument kinds of the builders.
+INT, FLOAT, BOOL, FLOATS, FLOAT_OR_MATRIX = "int", "float", "bool", "floats", "float_or_matrix"
+
+# Arguments of each builder in mdsens.systems (except ``seed``, which comes from
+# study.seeds) and the names of its params. tests/test_study.py checks this
+# table against the builders' signatures. ``neighbor_list`` is passed on to
+# builders that take it (the study itself batches all-pairs energies only).
+BUILDERS: dict[str, dict[str, str]] = {
+    "soft_sphere_packing": {
+        "n": INT, "dim": INT, "phi": FLOAT, "diameters": FLOATS, "fractions": FLOATS,
+        "alpha": FLOAT, "epsilon": FLOAT, "per_particle_diameters": BOOL, "neighbor_list": BOOL,
+    },
+    "lennard_jones": {
+        "n": INT, "dim": INT, "density": FLOAT, "sigma": FLOAT_OR_MATRIX,
+        "epsilon": FLOAT_OR_MATRIX, "fractions": FLOATS, "cutoff": FLOAT, "neighbor_list": BOOL,
+    },
+    "kob_andersen": {"n": INT, "density": FLOAT, "neighbor_list": BOOL},
+    "morse": {
+        "n": INT, "dim": INT, "density": FLOAT, "sigma": FLOAT_OR_MATRIX,
+        "epsilon": FLOAT_OR_MATRIX, "alpha": FLOAT, "fractions": FLOATS, "cutoff": FLOAT,
+        "neighbor_list": BOOL,
+    },
+    "lennard_jones_cluster": {"n": INT, "dim": INT, "sigma": FLOAT, "epsilon": FLOAT},
+}
+BUILDER_PARAMS: dict[str, tuple[str, ...]] = {
+    "soft_sphere_packing": ("diameters", "epsilon", "alpha", "box"),
+    "lennard_jones": ("sigma", "epsilon", "box"),
+    "kob_andersen": ("sigma", "epsilon", "box"),
+    "morse": ("sigma", "epsilon", "alpha", "box"),
+    "lennard_jones_cluster": ("sigma", "epsilon"),
+}
+# Defaults the study needs to know without calling the builder.
+DEFAULT_DIM = {"kob_andersen": 3, "soft_sphere_packing": 2}
+
+SCHEDULES = ("compact", "vmap")
+RELAX_METHODS = ("fire", "gradient_descent")
+SOLVERS = ("cg", "minres", "bicgstab", "dense")
+ZERO_MODES = ("auto", "none")
+
+SECTIONS = ("study", "system", "grid", "points", "relax", "solve", "sensitivities")
+STUDY_KEYS = {"description": "str", "seeds": "seeds", "chunk_size": "positive_int", "schedule": SCHEDULES}
+RELAX_KEYS = {"method": RELAX_METHODS, "fmax": "positive", "max_steps": "positive_int", "dt_max": "positive"}
+SOLVE_KEYS = {
+    "solver": SOLVERS, "rtol": "positive", "atol": "non_negative", "max_iter": "positive_int",
+    "rcond": "positive", "zero_modes": ZERO_MODES,
+}
+DEFAULTS = {
+    "study": {"description": "", "seeds": [0], "chunk_size": 32, "schedule": "compact"},
+    "relax": {"method": "fire", "fmax": 1e-12, "max_steps": 100_000},
+    # Tolerances left out here take the defaults of mdsens.linear_solve.
+    "solve": {"solver": "cg", "zero_modes": "auto"},
+}
+
+
+class StudyConfigError(ValueError):
+    """A study configuration is invalid; the message names the key."""
+
+
+def _fail(source: str, key: str, message: str) -> StudyConfigError:
+    where = f"{source}: " if source else ""
+    return StudyConfigError(f"{where}{key}: {message}")
+
+
+def _unknown(source: str, key: str, allowed: Any) -> StudyConfigError:
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return _fail(source, key, f"unknown key{hint}; allowed: {', '.join(sorted(allowed))}.")
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(source: str, key: str, value: Any) -> float:
+    if not _is_number(value):
+        raise _fail(source, key, f"expected a number, got {_type_name(value)} ({value!r}).")
+    if not math.isfinite(value):
+        raise _fail(source, key, f"must be finite, got {value!r}.")
+    return float(value)
+
+
+def _check_value(source: str, key: str, kind: Any, value: Any) -> Any:
+    """Validate one option value of a known kind; return it normalised."""
+    if isinstance(kind, tuple):  # a choice
+        if value not in kind:
+            raise _fail(source, key, f"must be one of {', '.join(map(repr, kind))}; got {value!r}.")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise _fail(source, key, f"expected a string, got {_type_name(value)}.")
+        return value
+    if kind in (INT, "positive_int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(source, key, f"expected an integer, got {_type_name(value)} ({value!r}).")
+        if kind == "positive_int" and value < 1:
+            raise _fail(source, key, f"must be an integer >= 1; got {value}.")
+        return value
+    if kind == BOOL:
+        if not isinstance(value, bool):
+            raise _fail(source, key, f"expected true or false, got {_type_name(value)} ({value!r}).")
+        return value
+    if kind in (FLOAT, "positive", "non_negative"):
+        value = _check_number(source, key, value)
+        if kind == "positive" and not value > 0:
+            raise _fail(source, key, f"must be positive; got {value}.")
+        if kind == "non_negative" and value < 0:
+            raise _fail(source, key, f"must be >= 0; got {value}.")
+        return value
+    if kind == FLOATS:
+        if not isinstance(value, list) or not value:
+            raise _fail(source, key, f"expected a non-empty list of numbers, got {_type_name(value)} ({value!r}).")
+        return [_check_number(source, f"{key}[{i}]", v) for i, v in enumerate(value)]
+    if kind == FLOAT_OR_MATRIX:
+        if _is_number(value):
+            return _check_number(source, key, value)
+        if not isinstance(value, list) or not value or not all(isinstance(row, list) for row in value):
+            raise _fail(source, key, f"expected a number or a square matrix (list of lists), got {value!r}.")
+        if any(len(row) != len(value) for row in value):
+            raise _fail(source, key, f"must be a square matrix; got rows of lengths {[len(r) for r in value]}.")
+        return [[_check_number(source, f"{key}[{i}][{j}]", v) for j, v in enumerate(row)] for i, row in enumerate(value)]
+    if kind == "seeds":
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise _fail(source, key, f"a number of seeds must be >= 1; got {value}.")
+            return list(range(value))
+        if not isinstance(value, list) or not value:
+            raise _fail(source, key, f"expected a number of seeds or a non-empty list of integers, got {value!r}.")
+        for i, seed in enumerate(value):
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise _fail(source, f"{key}[{i}]", f"seeds must be integers >= 0; got {seed!r}.")
+        if len(set(value)) != len(value):
+            raise _fail(source, key, f"seeds must be distinct; got {value}.")
+        return list(value)
+    raise AssertionError(kind)
+
+
+def _check_table(source: str, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(source, key, f"expected a table ([{key}]), got {_type_name(value)}.")
+    return value
+
+
+def _options(source: str, section: str, table: Any, kinds: dict[str, Any]) -> dict[str, Any]:
+    table = _check_table(source, section, table)
+    result = dict(DEFAULTS.get(section, {}))
+    for name, value in table.items():
+        if name not in kinds:
+            raise _unknown(source, f"{section}.{name}", kinds)
+        result[name] = _check_value(source, f"{section}.{name}", kinds[name], value)
+    return result
+
+
+def _tangent_value(source: str, key: str, value: Any) -> Any:
+    """A tangent entry: a number or a (nested) rectangular list of numbers."""
+    if _is_number(value):
+        return _check_number(source, key, value)
+    if isinstance(value, list) and value:
+        entries = [_tangent_value(source, f"{key}[{i}]", v) for i, v in enumerate(value)]
+        shapes = {json.dumps(_shape(e)) for e in entries}
+        if len(shapes) != 1:
+            raise _fail(source, key, "must be a rectangular array (rows of equal length).")
+        return entries
+    raise _fail(source, key, f"expected a number or an array of numbers, got {_type_name(value)} ({value!r}).")
+
+
+def _shape(value: Any) -> list[int]:
+    return [len(value), *_shape(value[0])] if isinstance(value, list) else []
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A validated study configuration (see the module docstring for the schema).
+
+    Attributes:
+        builder: name of the system builder in :mod:`mdsens.systems`.
+        system: the builder arguments shared by all points.
+        grid: argument -> list of values (Cartesian product), or None.
+        points: explicit list of argument overrides, or None.
+        seeds, chunk_size, schedule, description: from ``[study]``.
+        relax, solve: options with defaults filled in.
+        sensitivities: tangent name -> {param name: number or nested list}.
+        source: where it was read from (for messages).
+        text: the TOML text it was parsed from, if any.
+    """
+
+    builder: str
+    system: dict[str, Any]
+    grid: dict[str, list[Any]] | None
+    points: list[dict[str, Any]] | None
+    seeds: tuple[int, ...]
+    chunk_size: int
+    schedule: str
+    description: str
+    relax: dict[str, Any]
+    solve: dict[str, Any]
+    sensitivities: dict[str, dict[str, Any]]
+    source: str = dataclasses.field(default="", compare=False)
+    text: str | None = dataclasses.field(default=None, compare=False)
+
+    def point_args(self) -> list[dict[str, Any]]:
+        """Builder arguments of every point (``[system]`` overlaid with the grid
+        combination or the listed point), in study order."""
+        if self.grid:
+            names = list(self.grid)
+            combos = itertools.product(*(self.grid[name] for name in names))
+            return [{**self.system, **dict(zip(names, combo))} for combo in combos]
+        if self.points:
+            return [{**self.system, **point} for point in self.points]
+        return [dict(self.system)]
+
+    @property
+    def varied(self) -> list[str]:
+        """Arguments that change between points (the coordinates of ``point``)."""
+        if self.grid:
+            return list(self.grid)
+        if self.points:
+            return list(dict.fromkeys(name for point in self.points for name in point))
+        return []
+
+    def canonical(self) -> dict[str, Any]:
+        """Plain dict of everything that determines the results (defaults filled in)."""
+        data: dict[str, Any] = {
+            "study": {"description": self.description, "seeds": list(self.seeds), "chunk_size": self.chunk_size,
+                      "schedule": self.schedule},
+            "system": {"builder": self.builder, **self.system},
+            "relax": dict(self.relax),
+            "solve": dict(self.solve),
+        }
+        if self.grid:
+            data["grid"] = {k: list(v) for k, v in self.grid.items()}
+        if self.points:
+            data["points"] = [dict(p) for p in self.points]
+        if self.sensitivities:
+            data["sensitivities"] = {k: dict(v) for k, v in self.sensitivities.items()}
+        return data
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def _check_point_name(source: str, key: str, name: str, builder: str) -> None:
+    if name == "seed":
+        raise _fail(source, key, "seeds are set by study.seeds, not per point.")
+    if name == "builder":
+        raise _fail(source, key, "the builder cannot vary within a study; run one study per builder.")
+    if name not in BUILDERS[builder]:
+        raise _unknown(source, key, BUILDERS[builder])
+
+
+def _point_override(source: str, key: str, name: str, value: Any, builder: str) -> Any:
+    _check_point_name(source, key, name, builder)
+    return _check_value(source, key, BUILDERS[builder][name], value)
+
+
+def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig:
+    """Validate a study configuration given as TOML text or as a dict."""
+    text = None
+    if isinstance(data, str):
+        text = data
+        try:
+            data = tomllib.loads(data)
+        except tomllib.TOMLDecodeError as error:
+            raise StudyConfigError(f"{source or 'config'}: not valid TOML: {error}") from None
+    data = dict(data)
+    for section in data:
+        if section not in SECTIONS:
+            raise _unknown(source, section, SECTIONS)
+
+    system = dict(_check_table(source, "system", data.get("system", {})))
+    if "builder" not in system:
+        raise _fail(source, "system.builder", f"missing; one of {', '.join(BUILDERS)}.")
+    builder = system.pop("builder")
+    if builder not in BUILDERS:
+        raise _fail(source, "system.builder", f"unknown builder {builder!r}; one of {', '.join(BUILDERS)}.")
+    kinds = BUILDERS[builder]
+    for name, value in list(system.items()):
+        if name == "seed":
+            raise _fail(source, "system.seed", "seeds are set by study.seeds.")
+        if name not in kinds:
+            raise _unknown(source, f"system.{name}", kinds)
+        system[name] = _check_value(source, f"system.{name}", kinds[name], value)
+
+    grid = points = None
+    if "grid" in data and "points" in data:
+        raise _fail(source, "grid", "give either [grid] or [[points]], not both.")
+    if "grid" in data:
+        table = _check_table(source, "grid", data["grid"])
+        if not table:
+            raise _fail(source, "grid", "is empty: give at least one argument with a list of values.")
+        grid = {}
+        for name, values in table.items():
+            key = f"grid.{name}"
+            _check_point_name(source, key, name, builder)
+            if not isinstance(values, list):
+                raise _fail(source, key, f"expected a list of values, got {_type_name(values)} ({values!r}).")
+            if not values:
+                raise _fail(source, key, "is an empty list: the grid would have no points.")
+            grid[name] = [_point_override(source, f"{key}[{i}]", name, v, builder) for i, v in enumerate(values)]
+    if "points" in data:
+        listed = data["points"]
+        if not isinstance(listed, list):
+            raise _fail(source, "points", "expected an array of tables ([[points]]).")
+        if not listed:
+            raise _fail(source, "points", "is empty: give at least one point.")
+        points = []
+        for i, point in enumerate(listed):
+            point = _check_table(source, f"points[{i}]", point)
+            points.append({
+                name: _point_override(source, f"points[{i}].{name}", name, value, builder)
+                for name, value in point.items()
+            })
+
+    if grid:
+        varied = {name: (f"grid.{name}", values) for name, values in grid.items()}
+    else:
+        varied = {}
+        for i, point in enumerate(points or []):
+            for name, value in point.items():
+                varied.setdefault(name, (f"points[{i}].{name}", []))[1].append(value)
+    if "n" not in system and "n" not in varied:
+        raise _fail(source, "system.n", f"missing: {builder} needs the number of particles n.")
+    if points and "n" not in system and any("n" not in p for p in points):
+        i = next(i for i, p in enumerate(points) if "n" not in p)
+        raise _fail(source, f"points[{i}].n", "missing (and no n in [system]).")
+    base_dim = system.get("dim", DEFAULT_DIM.get(builder, 3))
+    dims = set(grid["dim"]) if grid and "dim" in grid else {p.get("dim", base_dim) for p in points or [{}]}
+    if len(dims) > 1:
+        raise _fail(source, varied["dim"][0], "the spatial dimension must be the same for all points of a study.")
+
+    study = _options(source, "study", data.get("study", {}), STUDY_KEYS)
+    relax = _options(source, "relax", data.get("relax", {}), RELAX_KEYS)
+    solve = _options(source, "solve", data.get("solve", {}), SOLVE_KEYS)
+    if "rcond" in solve and solve["solver"] != "dense":
+        raise _fail(source, "solve.rcond", "applies to solver = 'dense' only.")
+    if "max_iter" in solve and solve["solver"] == "dense":
+        raise _fail(source, "solve.max_iter", "does not apply to solver = 'dense'.")
+
+    sensitivities = {}
+    table = _check_table(source, "sensitivities", data.get("sensitivities", {}))
+    allowed = BUILDER_PARAMS[builder]
+    for name, tangent in table.items():
+        key = f"sensitivities.{name}"
+        tangent = _check_table(source, key, tangent)
+        if not tangent:
+            raise _fail(source, key, f"is empty: give the tangent of at least one of {', '.join(allowed)}.")
+        entries = {}
+        for param, value in tangent.items():
+            if param not in allowed:
+                raise _fail(
+                    source, f"{key}.{param}",
+                    f"{builder} has no parameter {param!r}; its params are {', '.join(allowed)}.",
+                )
+            entries[param] = _tangent_value(source, f"{key}.{param}", value)
+        sensitivities[name] = entries
+
+    return StudyConfig(
+        builder=builder, system=system, grid=grid, points=points, seeds=tuple(study["seeds"]),
+        chunk_size=study["chunk_size"], schedule=study["schedule"], description=study["description"],
+        relax=relax, solve=solve, sensitivities=sensitivities, source=source, text=text,
+    )
+
+
+def load_config(path: str | pathlib.Path) -> StudyConfig:
+    """Read and validate a study configuration file (TOML)."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise StudyConfigError(f"{path}: cannot read the configuration ({error.strerror}).") from None
+    return parse_config(text, source=str(path))
+
+
+def diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two canonical configurations."""
+    changed = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += diff(a, b, name + ".")
+        elif a != b:
+            changed.append(name)
+    return changed
