@@ -1,0 +1,259 @@
+"""The ``mdsens`` command: ``mdsens study CONFIG --out DIR`` and ``mdsens demo``.
+
+Only the standard library is imported here: JAX and jax-md are loaded by the
+subcommand that needs them, so ``mdsens --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+
+STUDY_HELP = """\
+Run a batched parameter study described in a TOML file: relax every point of a
+grid (or list) of system parameters times seeds, compute the named
+sensitivities and every diagnostic, and write a labeled xarray dataset to
+DIR/results.nc. Chunks are written to DIR/chunks/ as they finish: run the same
+command again after an interruption (even SIGKILL) to resume. A different
+configuration is refused in an existing folder.
+
+Batches are sharded over all devices; on a CPU, --cpu-devices N splits it into
+N devices (one per core). On several hosts, start one process per host with
+--distributed (Slurm, Open MPI: detected) or with --coordinator,
+--num-processes and --process-id.
+
+Example configuration: data/study_example.toml. Open the results with
+xarray.open_dataset("DIR/results.nc") or mdsens.study.load("DIR")."""
+
+
+def _cache_dir_default() -> str:
+    if os.environ.get("MDSENS_CACHE_DIR"):
+        return os.environ["MDSENS_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mdsens", "jax-cache")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mdsens")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mdsens",
+        description="Sensitivities of mechanical equilibria of particle systems by implicit differentiation.",
+        epilog="Run 'mdsens COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"mdsens {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    study = commands.add_parser(
+        "study",
+        help="run a batched, resumable parameter study from a TOML file",
+        description=STUDY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    study.add_argument("config", metavar="CONFIG", help="the study's TOML file")
+    study.add_argument("--out", metavar="DIR", required=True, help="output folder (created; resumed if it holds this study)")
+    study.add_argument("--dry-run", action="store_true", help="check the configuration, build every system, print the plan and stop")
+    study.add_argument("--no-progress", action="store_true", help="no progress bar")
+    study.add_argument(
+        "--cache-dir", metavar="DIR", default=None,
+        help="JAX persistent compilation cache (default $MDSENS_CACHE_DIR or ~/.cache/mdsens/jax-cache)",
+    )
+    study.add_argument("--no-cache", action="store_true", help="do not use the persistent compilation cache")
+    study.add_argument("--cpu-devices", metavar="N", type=int, default=None, help="split the CPU into N devices (e.g. one per core)")
+    hosts = study.add_argument_group("several processes (multi-host)")
+    hosts.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (auto-detects Slurm, Open MPI, ...)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
+    hosts.add_argument("--num-processes", metavar="N", type=int, help="number of processes")
+    hosts.add_argument("--process-id", metavar="I", type=int, help="this process's index, 0..N-1")
+
+    commands.add_parser(
+        "demo",
+        help="the paper's experiment: relax a 2D packing, sensitivity to the small diameter (see 'mdsens demo --help')",
+        add_help=False,
+    )
+    return parser
+
+
+# Settings that JAX reads only when its backend starts. When something imported
+# with mdsens has already started it, the command is re-run through this
+# bootstrap, which applies them before importing mdsens.
+_EARLY = "MDSENS_JAX_EARLY"
+_BOOTSTRAP = """
+import json, os, sys
+import jax
+early = json.loads(os.environ["MDSENS_JAX_EARLY"])
+os.environ["MDSENS_JAX_EARLY"] = "done"
+if early["cpu_devices"] is not None:
+    jax.config.update("jax_num_cpu_devices", early["cpu_devices"])
+if early["distributed"] is not None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**early["distributed"])
+from mdsens.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API moved: assume the worst
+        return True
+
+
+def _quiet_cache_loads() -> None:
+    """XLA logs two C++ "errors" for every program loaded from the persistent
+    cache ("Target machine feature +prefer-no-gather is not supported on the
+    host machine"), which are harmless: show XLA's C++ log from level 3 (fatal)
+    only, unless TF_CPP_MIN_LOG_LEVEL is set to another level than JAX's
+    default (1). Errors still raise. Starting the backend resets the level, so
+    this starts it first."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") != "1":
+        return
+    try:
+        import jax
+        from jax._src.lib import utils
+
+        jax.devices()
+
+        utils.absl_set_min_log_level(3)
+    except (ImportError, AttributeError):  # private API moved: keep the noise
+        pass
+
+
+def _setup_jax(cache_dir: str | None, cpu_devices: int | None = None, distributed: dict | None = None,
+               argv: Sequence[str] = ()):
+    """Configure JAX: float64, the persistent compilation cache, CPU devices,
+    the distributed runtime (the last two before the backend starts)."""
+    import jax
+
+    if (cpu_devices is not None or distributed is not None) and os.environ.get(_EARLY) != "done":
+        if _backend_started():
+            os.environ[_EARLY] = json.dumps({"cpu_devices": cpu_devices, "distributed": distributed})
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-c", _BOOTSTRAP, *argv])
+        if cpu_devices is not None:
+            jax.config.update("jax_num_cpu_devices", cpu_devices)
+        if distributed is not None:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(**distributed)
+    jax.config.update("jax_enable_x64", True)
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        # Cache every program: a second run of the same study shape compiles nothing.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        _quiet_cache_loads()
+    return jax
+
+
+def _fail(command: str, message: str, code: int = 2) -> int:
+    print(f"mdsens {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _study(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from mdsens import _study_config
+
+    try:
+        config = _study_config.load_config(args.config)
+    except _study_config.StudyConfigError as error:
+        return _fail("study", str(error))
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        return _fail("study", f"--cpu-devices must be >= 1; got {args.cpu_devices}.")
+
+    distributed = None
+    explicit = {"coordinator_address": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    if args.distributed or any(v is not None for v in explicit.values()):
+        distributed = {k: v for k, v in explicit.items() if v is not None}
+        if 0 < len(distributed) < 3 and args.coordinator is not None:
+            return _fail("study", "--coordinator needs --num-processes and --process-id too.")
+    cache_dir = None if args.no_cache else (args.cache_dir or _cache_dir_default())
+    jax = _setup_jax(cache_dir, args.cpu_devices, distributed, argv)
+
+    from mdsens import study
+
+    def log(message: str) -> None:
+        if jax.process_index() == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        if args.dry_run:
+            plan = study.plan(config)
+            print(json.dumps(_plan_summary(plan, jax), indent=2))
+            return 0
+        dataset = study.run(config, args.out, progress=not args.no_progress, log=log)
+    except (study.StudyConfigError, study.StudyError) as error:
+        return _fail("study", str(error))
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume.", file=sys.stderr)
+        return 130
+    if dataset is None:  # not process 0
+        return 0
+    summary = {
+        "results": str(pathlib.Path(args.out) / "results.nc"),
+        "points": int(dataset.sizes["point"]),
+        "seeds": int(dataset.sizes["seed"]),
+        "relax_converged": int(dataset.relax_converged.sum()),
+        "samples": int(dataset.relax_converged.size),
+        "chunks_computed": int(dataset.attrs.get("run_chunks_computed", 0)),
+        "devices": int(dataset.attrs.get("run_devices", 0)),
+        "seconds": float(dataset.attrs.get("run_seconds", 0.0)),
+    }
+    if "solve_converged" in dataset:
+        summary["solves_converged"] = int(dataset.solve_converged.sum())
+        summary["solves"] = int(dataset.solve_converged.size)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _plan_summary(plan, jax) -> dict:
+    return {
+        "points": plan.n_points,
+        "seeds": list(plan.config.seeds),
+        "samples": plan.n_points * plan.n_seeds,
+        "groups": [{"points": len(g.points), "n": g.n, "dim": g.dim} for g in plan.groups],
+        "chunks": len(plan.chunks),
+        "chunk_size": plan.config.chunk_size,
+        "devices": len(jax.devices()),
+        "sensitivities": list(plan.config.sensitivities),
+    }
+
+
+def _demo(argv: Sequence[str]) -> int:
+    if not {"-h", "--help"} & set(argv):
+        _setup_jax(_cache_dir_default())
+    from mdsens import demo
+
+    demo.main(list(argv))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "demo":
+        # The demo's own parser (mdsens.demo.main) reads its options and --help.
+        return _demo(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "study":
+        return _study(args, argv)
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
