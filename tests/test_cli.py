@@ -1,0 +1,111 @@
+"""The mdsens command line. One test starts the command in subprocesses;
+the others call ``mdsens.cli.main`` in this process (none of them
+compiles anything)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mdsens import cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = shutil.which("mdsens", path=str(pathlib.Path(sys.executable).parent))
+
+
+def test_help_is_fast_and_light():
+    """``mdsens --help`` (the installed console script, else ``python -m
+    mdsens.cli``) answers without importing JAX, jax-md, numpy or xarray (JAX
+    alone takes over a second to import), and so does each command's help."""
+    command = [SCRIPT] if SCRIPT else [sys.executable, "-m", "mdsens.cli"]
+    start = time.perf_counter()
+    run = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    assert run.returncode == 0, run.stderr
+    assert "usage: mdsens" in run.stdout and "study" in run.stdout and "demo" in run.stdout
+    code = (
+        "import sys, json\n"
+        "import mdsens.cli\n"
+        "for argv in (['--help'], ['study', '--help'], ['demo', '--help']):\n"
+        "    try:\n        mdsens.cli.main(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = ('jax', 'jaxlib', 'jax_md', 'numpy', 'xarray', 'tqdm', 'matplotlib', 'mdsens.systems', 'mdsens.study')\n"
+        "print(json.dumps(sorted(set(heavy) & set(sys.modules))), file=sys.stderr)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stderr.strip().splitlines()[-1]) == [], f"imported for --help: {run.stderr}"
+    assert seconds < 10, seconds  # the wall clock of a loaded machine; about 0.1 s alone
+
+
+def main(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_subcommand_help(capsys):
+    code, out, _ = main(capsys, "study", "--help")
+    assert code == 0
+    for option in ("--out", "--dry-run", "--cache-dir", "--cpu-devices", "--distributed", "--coordinator"):
+        assert option in out
+    code, out, _ = main(capsys, "demo", "--help")
+    assert code == 0
+    for option in ("--n", "--phi", "--seed", "--out"):
+        assert option in out
+    code, out, _ = main(capsys)
+    assert code == 0 and "COMMAND" in out
+
+
+def test_study_requires_out(capsys):
+    code, _, err = main(capsys, "study", "config.toml")
+    assert code == 2 and "--out" in err
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[system]\nbuilder = 'soft_sphere_packing'\nn = 8\n[grid]\nphi = []\n", "grid.phi: is an empty list"),
+        ("[system]\nbuilder = 'soft_sphere_packing'\nn = 8\ncolour = 'red'\n", "system.colour: unknown key"),
+        ("[system]\nbuilder = 'soft_sphere_packing'\nn = 8\n[relax]\nmax_steps = 1.5\n", "relax.max_steps: expected an integer"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(capsys, tmp_path, text, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    code, _, err = main(capsys, "study", str(config), "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert f"mdsens study: error: {config}: {message}" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = main(capsys, "study", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "nope.toml: cannot read the configuration" in err
+
+
+def test_unwritable_output_folder_names_the_path(capsys, tmp_path):
+    config = tmp_path / "ok.toml"
+    config.write_text("[system]\nbuilder = 'soft_sphere_packing'\nn = 8\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = main(capsys, "study", str(config), "--out", str(blocker / "out"), "--no-cache", "--no-progress")
+    assert code == 2, err
+    assert f"mdsens study: error: output folder {blocker / 'out'}: cannot write there" in err
+
+
+def test_example_config_is_valid():
+    from mdsens._study_config import load_config
+
+    config = load_config(ROOT / "data" / "study_example.toml")
+    assert len(config.point_args()) >= 32
+    assert set(config.sensitivities) == {"small_diameter", "large_diameter", "compression"}

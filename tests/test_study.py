@@ -1,0 +1,410 @@
+"""mdsens.study: batched, sharded, resumable studies.
+
+Oracles: direct calls of mdsens.relax, mdsens.equilibrium_jvp and
+mdsens.energy_sensitivity for each sample; a run on one device (this process)
+for a run sharded over four (a subprocess); bitwise equality with the chunks
+of an uninterrupted run for a resumed one; xarray reading the files itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import xarray as xr
+
+import mdsens
+from mdsens import study, systems
+from mdsens._study_config import BUILDER_PARAMS, BUILDERS, parse_config
+
+# 2 x 2 points x 4 seeds = 16 samples in 4 chunks of 4: one member per device
+# on four devices, and a kill after the first chunk leaves three to resume.
+CONFIG = """\
+[study]
+description = "test study"
+seeds = 4
+chunk_size = 4
+
+[system]
+builder = "soft_sphere_packing"
+n = 16
+diameters = [1.0, 1.4]
+
+[grid]
+phi = [0.85, 0.95]
+diameters = [[1.0, 1.2], [1.0, 1.4]]
+
+[sensitivities.small]
+diameters = [1.0, 0.0]
+
+[sensitivities.compress]
+box = [[-1.0, 0.0], [0.0, -1.0]]
+"""
+N_CHUNKS = 4
+N_SAMPLES = 16
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Equal up to rounding: a batch of another size (another device count, the
+# other schedule, a single run) rounds differently, and FIRE follows a slightly
+# different path to the same minimum.
+EXACT = ("relax_converged", "relax_status", "n_zero_modes", "solve_converged", "done",
+         "param_diameters", "param_box", "param_epsilon", "param_alpha")
+CLOSE = {  # name: (rtol, atol)
+    "positions": (0, 1e-10),
+    "energy": (1e-9, 1e-16),
+    "energy_grad_diameters": (1e-8, 1e-14),
+    "energy_grad_box": (1e-8, 1e-14),
+    "energy_grad_epsilon": (1e-8, 1e-14),
+    "energy_grad_alpha": (1e-8, 1e-14),
+    "energy_sensitivity": (1e-8, 1e-14),
+    "position_sensitivity": (1e-6, 1e-8),
+}
+
+
+def assert_same_results(actual, expected) -> None:
+    for name in EXACT:
+        np.testing.assert_array_equal(actual[name].values, expected[name].values, err_msg=name)
+    for name, (rtol, atol) in CLOSE.items():
+        np.testing.assert_allclose(actual[name].values, expected[name].values, rtol=rtol, atol=atol, err_msg=name)
+    assert (actual.relax_fmax.values <= 1e-12).all() and (actual.solve_residual.values <= 1e-10).all()
+    # A few steps more or less on another path to the same minimum.
+    np.testing.assert_allclose(actual.relax_n_steps, expected.relax_n_steps, rtol=0.1)
+
+
+def assert_bitwise_equal(actual, expected) -> None:
+    for name, variable in expected.data_vars.items():
+        np.testing.assert_array_equal(actual[name].values, variable.values, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("config") / "study.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, config_path):
+    """The study run in this process, on one device, into a folder."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    return out, study.run(config_path, out)
+
+
+# -- configuration (no JAX)
+
+
+def test_schema_matches_the_builders():
+    built = {
+        "soft_sphere_packing": systems.soft_sphere_packing(8),
+        "lennard_jones": systems.lennard_jones(8, density=0.05),
+        "kob_andersen": systems.kob_andersen(8, density=0.05),
+        "morse": systems.morse(8, density=0.1),
+        "lennard_jones_cluster": systems.lennard_jones_cluster(8),
+    }
+    assert set(built) == set(BUILDERS)
+    for name, kinds in BUILDERS.items():
+        signature = set(inspect.signature(getattr(systems, name)).parameters) - {"seed"}
+        # neighbor_list: passed on to the builders that take it.
+        assert set(kinds) - {"neighbor_list"} == signature - {"neighbor_list"}, name
+        assert set(BUILDER_PARAMS[name]) == set(built[name].params), name
+
+
+SYSTEM = "[system]\nbuilder = 'soft_sphere_packing'\nn = 8\n"
+BAD_CONFIGS = [
+    ("[sytem]\nbuilder = 'soft_sphere_packing'\nn = 8\n", "sytem: unknown key (did you mean 'system'?)"),
+    (SYSTEM + "phii = 0.9\n", "system.phii: unknown key (did you mean 'phi'?)"),
+    (SYSTEM + "[relax]\nfmaxx = 1e-9\n", "relax.fmaxx: unknown key (did you mean 'fmax'?)"),
+    (SYSTEM + "[sensitivities.d]\nsigma = 1.0\n", "sensitivities.d.sigma: soft_sphere_packing has no parameter 'sigma'"),
+    ("[system]\nbuilder = 'soft_sphere_packing'\nn = 'twelve'\n", "system.n: expected an integer, got a string"),
+    ("[system]\nbuilder = 'soft_sphere_packing'\nn = 8.0\n", "system.n: expected an integer, got a number"),
+    (SYSTEM + "[grid]\nphi = [0.9, 'high']\n", "grid.phi[1]: expected a number, got a string"),
+    (SYSTEM + "[grid]\nphi = 0.9\n", "grid.phi: expected a list of values"),
+    ("[study]\nseeds = 'many'\n" + SYSTEM, "study.seeds: expected a number of seeds"),
+    ("[study]\nchunk_size = true\n" + SYSTEM, "study.chunk_size: expected an integer, got a boolean"),
+    ("[study]\nchunk_size = 0\n" + SYSTEM, "study.chunk_size: must be an integer >= 1"),
+    (SYSTEM + "[relax]\nfmax = -1e-9\n", "relax.fmax: must be positive"),
+    (SYSTEM + "[solve]\nsolver = 'gmres'\n", "solve.solver: must be one of 'cg', 'minres', 'bicgstab', 'dense'"),
+    (SYSTEM + "[sensitivities.d]\ndiameters = 'one'\n", "sensitivities.d.diameters: expected a number or an array"),
+    (SYSTEM + "[grid]\nphi = []\n", "grid.phi: is an empty list"),
+    (SYSTEM + "[grid]\n", "grid: is empty"),
+    ("points = []\n" + SYSTEM, "points: is empty"),
+    ("[study]\nseeds = []\n" + SYSTEM, "study.seeds: expected a number of seeds or a non-empty list"),
+    (SYSTEM + "[grid]\nseed = [1, 2]\n", "grid.seed: seeds are set by study.seeds"),
+    (SYSTEM + "[grid]\nphi = [0.9]\n[[points]]\nphi = 0.8\n", "grid: give either [grid] or [[points]]"),
+    ("[system]\nbuilder = 'hard_spheres'\nn = 8\n", "system.builder: unknown builder 'hard_spheres'"),
+    ("[system]\nbuilder = 'soft_sphere_packing'\n", "system.n: missing"),
+    ("[system\nbuilder = 1\n", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS)
+def test_bad_configs_name_the_key(text, message):
+    with pytest.raises(study.StudyConfigError) as error:
+        parse_config(text, source="bad.toml")
+    assert str(error.value).startswith("bad.toml: ")
+    assert message in str(error.value)
+
+
+def test_canonical_config_parses_back_to_an_equal_one():
+    config = parse_config(CONFIG)
+    again = parse_config(json.loads(config.canonical_json()))
+    assert again == config and again.digest() == config.digest()
+    assert len(config.point_args()) == 4 and config.seeds == (0, 1, 2, 3)
+    assert config.point_args()[1] == {"n": 16, "diameters": [1.0, 1.4], "phi": 0.85}
+    assert config.relax == {"method": "fire", "fmax": 1e-12, "max_steps": 100_000}  # defaults filled in
+
+
+def test_builder_and_tangent_errors_name_the_point_and_key(tmp_path):
+    bad_point = CONFIG.replace("phi = [0.85, 0.95]", "phi = [0.85, -0.5]")
+    with pytest.raises(study.StudyConfigError, match=r"grid point 2 \(phi=-0.5, diameters=\[1.0, 1.2\]\).*phi must be positive"):
+        study.run(bad_point, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing left behind
+    bad_tangent = CONFIG.replace("diameters = [1.0, 0.0]", "diameters = [1.0, 0.0, 0.0]")
+    with pytest.raises(study.StudyConfigError, match=r"sensitivities.small.diameters: shape \(3,\) does not fit"):
+        study.plan(bad_tangent)
+
+
+def test_unusable_output_folders_are_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(study.StudyError, match=f"output folder {blocker / 'out'}: cannot write there"):
+        study.run(CONFIG, blocker / "out")
+    with pytest.raises(study.StudyError, match=f"output folder {blocker}: exists and is not a folder"):
+        study.run(CONFIG, blocker)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(study.StudyError, match=f"output folder {locked / 'out'}: cannot write there"):
+            study.run(CONFIG, locked / "out")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(study.StudyError, match=f"output folder {foreign}: not empty and holds no study"):
+        study.run(CONFIG, foreign)
+
+
+# -- results
+
+
+def test_samples_equal_single_calls(reference):
+    """Every sample and sensitivity against mdsens.equilibrium_jvp (and the
+    envelope theorem, mdsens.energy_sensitivity) on that sample's own system."""
+    _, ds = reference
+    config = parse_config(CONFIG)
+    args = config.point_args()
+    # One energy_fn and shift_fn for all samples (mdsens compiles per function
+    # object); each sample's own energy_fn computes the same (checked below).
+    first = systems.soft_sphere_packing(**args[0], seed=0)
+    envelope = jax.jit(mdsens.energy_sensitivity, static_argnums=0)
+    tangents = {"small": {"diameters": jnp.array([1.0, 0.0])}, "compress": {"box": -jnp.eye(2)}}
+    for point in range(4):
+        for seed_index, seed in enumerate(config.seeds):
+            s = systems.soft_sphere_packing(**args[point], seed=seed)
+            assert float(first.energy_fn(s.positions, s.params)) == float(s.energy_fn(s.positions, s.params))
+            sample = ds.isel(point=point, seed=seed_index)
+            grads = envelope(first.energy_fn, sample.positions.values, s.params)
+            for name, value in grads.items():
+                np.testing.assert_allclose(sample[f"energy_grad_{name}"].values, value, rtol=1e-8, atol=1e-14)
+                np.testing.assert_array_equal(sample[f"param_{name}"].values, s.params[name])
+            for name, entry in tangents.items():
+                tangent = {**jax.tree.map(jnp.zeros_like, s.params), **entry}
+                x, dx, info = mdsens.equilibrium_jvp(
+                    first.energy_fn, s.positions, s.params, tangent, shift_fn=first.shift_fn, dt_max=s.dt_max
+                )
+                np.testing.assert_allclose(sample.positions.values, x, rtol=0, atol=1e-10)
+                np.testing.assert_allclose(sample.energy.item(), float(info.relax.energy), rtol=1e-9, atol=1e-16)
+                assert abs(sample.relax_n_steps.item() - int(info.relax.n_steps)) <= 0.1 * int(info.relax.n_steps)
+                assert bool(sample.relax_converged) and sample.relax_status.item() == 0
+                assert sample.relax_fmax.item() <= 1e-12
+                got = sample.sel(sensitivity=name)
+                np.testing.assert_allclose(got.position_sensitivity.values, dx, rtol=1e-6, atol=1e-8 * np.abs(dx).max())
+                assert bool(got.solve_converged) and bool(info.solve.converged)
+                assert got.solve_residual.item() <= 1e-10
+                assert abs(got.solve_iterations.item() - int(info.solve.iterations)) <= 3
+                expected = sum(float(jnp.vdot(tangent[k], grads[k])) for k in grads)
+                np.testing.assert_allclose(got.energy_sensitivity.item(), expected, rtol=1e-8)
+                # Translations are projected out: the sensitivity has no mean.
+                np.testing.assert_allclose(got.position_sensitivity.values.mean(axis=0), 0, atol=1e-9)
+            # The two translations, and two per rattler.
+            assert sample.n_zero_modes.item() >= 2 and sample.n_zero_modes.item() % 2 == 0
+
+
+def test_results_file_is_a_labeled_dataset(reference):
+    out, ds = reference
+    with xr.open_dataset(out / "results.nc", engine="h5netcdf") as on_disk:
+        on_disk = on_disk.load()
+    assert dict(on_disk.sizes) == {"point": 4, "seed": 4, "particle": 16, "spatial": 2, "spatial_b": 2,
+                                   "species": 2, "sensitivity": 2}
+    assert on_disk.positions.dims == ("point", "seed", "particle", "spatial")
+    assert on_disk.position_sensitivity.dims == ("point", "seed", "sensitivity", "particle", "spatial")
+    assert on_disk.energy_grad_box.dims == ("point", "seed", "spatial", "spatial_b")
+    assert on_disk.solve_iterations.dims == ("point", "seed", "sensitivity")
+    for name in ("relax_converged", "relax_fmax", "relax_n_steps", "relax_status", "solve_residual",
+                 "solve_iterations", "solve_converged", "energy", "energy_sensitivity", "n_zero_modes"):
+        assert name in on_disk and on_disk[name].attrs["description"], name
+    assert list(on_disk.sensitivity.values) == ["small", "compress"] and list(on_disk.seed.values) == [0, 1, 2, 3]
+    assert list(on_disk.spatial.values) == ["x", "y"]
+    np.testing.assert_array_equal(on_disk.phi.values, [0.85, 0.85, 0.95, 0.95])
+    np.testing.assert_array_equal(on_disk.diameters.values, [[1.0, 1.2], [1.0, 1.4]] * 2)
+    # Selection by label: phi = 0.95 with the 1 : 1.4 mixture is point 3.
+    np.testing.assert_array_equal(on_disk.where(on_disk.phi == 0.95, drop=True).point, [2, 3])
+    assert on_disk.done.values.all() and on_disk.attrs["complete"] == 1
+    assert parse_config(json.loads(on_disk.attrs["config"])) == parse_config(CONFIG)
+    assert on_disk.attrs["config_source"] == CONFIG
+    assert (out / "study.toml").read_text() == CONFIG
+    assert_bitwise_equal(on_disk, ds)
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == [f"chunk-{i:05d}.nc" for i in range(N_CHUNKS)]
+
+
+def test_changed_config_refuses_to_resume(reference):
+    out, _ = reference
+    changed = CONFIG.replace("[study]", "[relax]\nfmax = 1e-10\n\n[study]").replace("seeds = 4", "seeds = 3")
+    with pytest.raises(study.StudyResumeError, match=rf"output folder {out} holds a study with a different configuration "
+                       r"\(changed: relax.fmax, study.seeds\); refusing to resume"):
+        study.run(changed, out)
+    # Comments and layout are not the configuration.
+    assert study.run("# same study\n" + CONFIG, out).attrs["complete"] == 1
+
+
+def test_resume_recomputes_only_missing_chunks(reference, tmp_path):
+    out, ds = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "results.nc").unlink()
+    (copy / "chunks" / "chunk-00002.nc").unlink()
+    partial = study.load(copy)  # what a notebook sees meanwhile
+    assert partial.done.values.sum() == N_SAMPLES - 4 and partial.attrs["complete"] == 0
+    assert np.isnan(partial.energy.values[~partial.done.values]).all()
+    resumed = study.run(CONFIG, copy)
+    assert resumed.attrs["run_chunks_computed"] == 1
+    assert_bitwise_equal(resumed, ds)
+    stamp = (copy / "results.nc").stat().st_mtime_ns
+    again = study.run(CONFIG, copy)  # finished: nothing is computed or rewritten
+    assert (copy / "results.nc").stat().st_mtime_ns == stamp
+    assert_bitwise_equal(again, resumed)
+
+
+def test_vmap_schedule_in_memory(reference):
+    _, ds = reference
+    plain = study.run(CONFIG.replace("chunk_size = 4", 'chunk_size = 4\nschedule = "vmap"'))  # out=None: no files
+    assert_same_results(plain, ds)
+    # One vmapped loop per chunk: every slot runs as long as the chunk's slowest member.
+    steps = plain.relax_n_steps.values.reshape(N_CHUNKS, 4)
+    assert plain.attrs["run_slot_steps"] == 4 * steps.max(axis=1).sum()
+    assert plain.attrs["run_member_steps"] == steps.sum()
+
+
+# -- several devices and SIGKILL (subprocesses: about 15 s of CPU each for importing jax-md and compiling)
+
+
+def subprocess_env(cache: pathlib.Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", MDSENS_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mdsens.cli", *args]
+
+
+# The CLI, pausing after it has written a chunk, so that the kill falls
+# between two chunks whatever the load of the machine.
+PAUSING_CLI = """
+import sys, time
+from mdsens import _study_io
+write = _study_io.StudyFolder.write_chunk
+def write_and_pause(self, index, data):
+    write(self, index, data)
+    time.sleep(120)
+_study_io.StudyFolder.write_chunk = write_and_pause
+from mdsens.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sigkill_and_resume_on_four_devices(reference, config_path, tmp_path):
+    """The CLI on four CPU devices, killed with SIGKILL once its first chunk is
+    on disk (a half-written chunk left beside it), then run again: it resumes,
+    the chunk written before the kill is untouched, every sample is computed
+    exactly once, the persistent compilation cache is used, and the results of
+    the four devices equal those of one device (the reference)."""
+    _, ds = reference
+    out, cache = tmp_path / "killed", tmp_path / "jax-cache"
+    env = subprocess_env(cache, JAX_NUM_CPU_DEVICES="4")
+    args = ["study", str(config_path), "--out", str(out), "--no-progress"]
+    process = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / "chunks" / "chunk-00000.nc"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no chunk was written"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == [first.name]
+    assert not (out / "results.nc").exists()
+    written = digest(first)
+    half_written = out / "chunks" / ".tmp-chunk-00001.nc.99999"  # as a kill during a write leaves it
+    half_written.write_bytes(b"CDF\x01 truncated")
+    assert any(cache.iterdir()), "the persistent compilation cache was not written"
+
+    rerun = subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming {out}: 1 of {N_CHUNKS} chunks (4 of {N_SAMPLES} samples) already done" in rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["chunks_computed"] == N_CHUNKS - 1 and summary["devices"] == 4
+    assert summary["relax_converged"] == summary["samples"] == N_SAMPLES
+    assert summary["solves_converged"] == summary["solves"] == 2 * N_SAMPLES
+    assert digest(first) == written and not half_written.exists()
+    resumed = study.load(out)
+    assert resumed.attrs["run_devices"] == 4 and resumed.done.values.all()
+    # Every sample once, from the chunk the plan assigns it to.
+    np.testing.assert_array_equal(resumed.chunk_index.values.ravel(), np.arange(N_SAMPLES) // 4)
+    assert_same_results(resumed, ds)
+
+
+@pytest.mark.skipif(
+    os.environ.get("MDSENS_TEST_MULTIHOST") != "1",
+    reason="two more JAX processes (about a minute of CPU); set MDSENS_TEST_MULTIHOST=1 to run",
+)
+def test_two_processes_equal_one(reference, config_path, tmp_path):
+    """Two processes of two CPU devices each (jax.distributed over localhost),
+    started as a user would start them on two hosts."""
+    import socket
+
+    _, ds = reference
+    out = tmp_path / "multihost"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    common = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--no-progress"]
+    env = subprocess_env(tmp_path / "jax-cache", JAX_NUM_CPU_DEVICES="2")
+    processes = [
+        subprocess.Popen(cli("study", str(config_path), "--out", str(out), *common, "--process-id", str(i)),
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    result = study.load(out)
+    assert result.attrs["run_processes"] == 2 and result.attrs["run_devices"] == 4
+    assert_same_results(result, ds)
