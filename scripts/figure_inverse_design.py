@@ -13,8 +13,7 @@ reverse-mode CG solve per step; it includes the response of the relaxed
 positions, ``dp/dx . dx*/dtheta``). The outer step is damped Gauss-Newton,
 ``theta <- theta - damping * r J / |J|^2`` with the residual ``r = log p - log p_t``
 and ``J = grad log p``; each relaxation starts from the previous x*.
-The pressure is the virial ``p = -tr(sigma)/dim = -(1/(dim V)) dE/dlambda`` of a
-uniform dilation ``x -> lambda x``, ``box -> lambda box`` at ``lambda = 1``.
+The pressure is the virial ``p = -tr(sigma)/dim`` (``mdsens.observables.pressure``).
 
 At the start the implicit gradient is checked against central finite
 differences of re-relaxed pressures.
@@ -36,20 +35,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mdsens  # noqa: E402
-from mdsens import systems  # noqa: E402
+from mdsens import observables, systems  # noqa: E402
 
 SIZES = {"small": {"n": 16, "steps": 12}, "full": {"n": 128, "steps": 25}}
 PHI, DIAMETERS, TARGET_PRESSURE, DAMPING, FD_STEP = 0.9, (1.0, 1.4), 0.01, 0.5, 1e-5
-
-
-def virial_pressure(energy_fn, positions: jax.Array, params: dict) -> jax.Array:
-    """``-(1/(dim V)) d/dlambda E(lambda x; lambda box)`` at ``lambda = 1``."""
-    box = params["box"]
-
-    def dilated(scale):
-        return energy_fn(scale * positions, {**params, "box": scale * box})
-
-    return -jax.grad(dilated)(jnp.asarray(1.0)) / (positions.shape[1] * jnp.linalg.det(box))
 
 
 def compute(n: int, steps: int) -> dict:
@@ -62,7 +51,7 @@ def compute(n: int, steps: int) -> dict:
     def log_pressure(theta, start):
         x = mdsens.equilibrium(system.energy_fn, start, params_of(theta), shift_fn=system.shift_fn,
                                dt_max=system.dt_max)
-        return jnp.log(virial_pressure(system.energy_fn, x, params_of(theta))), x
+        return jnp.log(observables.pressure(system, x, params_of(theta))), x
 
     value_and_grad = jax.jit(jax.value_and_grad(log_pressure, has_aux=True))
     theta = jnp.log(jnp.asarray(DIAMETERS))
