@@ -95,3 +95,21 @@ def test_inverse_design_notebook(tmp_path, kernel) -> None:
     pressure = harmonic_pressure(np.asarray(s["final_positions"]), diameters, np.asarray(s["box_sides"]))
     assert abs(pressure / s["target_pressure"] - 1.0) <= 1e-3
 
+
+def test_parameter_study_notebook(tmp_path, kernel) -> None:
+    s = execute("03_parameter_study.ipynb", tmp_path, kernel)
+    assert s["samples"] == 8 and s["all_relaxed"] and s["all_solved"]
+    # The pressure from the study's dE*/dB (envelope theorem) against the numpy
+    # virial at the stored relaxed positions.
+    sample = s["first_sample"]
+    box = np.asarray(sample["box"])
+    assert np.allclose(box, np.diag(np.diag(box)))
+    expected = harmonic_pressure(np.asarray(sample["positions"]), np.asarray(sample["diameters"]), np.diag(box))
+    assert abs(sample["pressure"] / expected - 1.0) <= 1e-8
+    # Compressed packings push harder: at every diameter ratio, p rises with phi.
+    phi, ratio = (np.asarray(s["coordinates"][name]) for name in ("phi", "diameter ratio"))
+    pressure = np.asarray(s["seed_mean"]["pressure"])
+    for value in np.unique(ratio):
+        members = np.flatnonzero(ratio == value)
+        assert np.all(np.diff(pressure[members[np.argsort(phi[members])]]) > 0)
+
