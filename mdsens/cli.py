@@ -21,8 +21,8 @@ DIR/results.nc. Chunks are written to DIR/chunks/ as they finish: run the same
 command again after an interruption (even SIGKILL) to resume. A different
 configuration is refused in an existing folder.
 
-Batches are sharded over all devices; on a CPU, --cpu-devices N splits it into
-N devices (one per core). On several hosts, start one process per host with
+Batches are sharded over all devices. A CPU counts as one device per core
+(--cpu-devices N or $JAX_NUM_CPU_DEVICES to choose another number). On several hosts, start one process per host with
 --distributed (Slurm, Open MPI: detected) or with --coordinator,
 --num-processes and --process-id.
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JAX persistent compilation cache (default $MDSENS_CACHE_DIR or ~/.cache/mdsens/jax-cache)",
     )
     study.add_argument("--no-cache", action="store_true", help="do not use the persistent compilation cache")
-    study.add_argument("--cpu-devices", metavar="N", type=int, default=None, help="split the CPU into N devices (e.g. one per core)")
+    study.add_argument("--cpu-devices", metavar="N", type=int, default=None, help="run on N CPU devices (default: $JAX_NUM_CPU_DEVICES, else one per core)")
     hosts = study.add_argument_group("several processes (multi-host)")
     hosts.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (auto-detects Slurm, Open MPI, ...)")
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
@@ -133,18 +133,30 @@ def _quiet_cache_loads() -> None:
         pass
 
 
+def _cores() -> int:
+    """Cores this process may run on (a Slurm or taskset allocation, not the whole host)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _setup_jax(cache_dir: str | None, cpu_devices: int | None = None, distributed: dict | None = None,
                argv: Sequence[str] = ()):
-    """Configure JAX: float64, the persistent compilation cache, CPU devices,
-    the distributed runtime (the last two before the backend starts)."""
+    """Configure JAX: float64, the persistent compilation cache, CPU devices
+    (asked for, else one per core unless JAX_NUM_CPU_DEVICES is set or the
+    backend already runs), the distributed runtime (the last two before the
+    backend starts: this re-runs the command in a fresh interpreter if needed)."""
     import jax
 
-    if (cpu_devices is not None or distributed is not None) and os.environ.get(_EARLY) != "done":
-        if _backend_started():
+    if os.environ.get(_EARLY) != "done":  # not yet applied by the re-run
+        if (cpu_devices is not None or distributed is not None) and _backend_started():
             os.environ[_EARLY] = json.dumps({"cpu_devices": cpu_devices, "distributed": distributed})
             sys.stdout.flush()
             sys.stderr.flush()
             os.execv(sys.executable, [sys.executable, "-c", _BOOTSTRAP, *argv])
+        if cpu_devices is None and "JAX_NUM_CPU_DEVICES" not in os.environ and not _backend_started():
+            cpu_devices = _cores()
         if cpu_devices is not None:
             jax.config.update("jax_num_cpu_devices", cpu_devices)
         if distributed is not None:
