@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens import zero_modes as zm
-from mdsens._checks import check_params, check_positions, require_x64
+from mdsens._checks import check_params, check_positions, is_concrete, require_x64
 from mdsens.equilibrium import _solver, equilibrium
 from mdsens.implicit import enforce, root_jvp
 from mdsens.linear_solve import cg
@@ -359,9 +359,25 @@ def elastic_moduli(
     require_x64("mdsens.observables.elastic_moduli")
     _check_system(system, "elastic_moduli")
     positions, params = check_positions(positions), check_params(params)
-    x = equilibrium(
-        system.energy_fn, positions, params, shift_fn=system.shift_fn, dt_max=system.dt_max,
-        fmax=fmax, max_steps=max_steps, throw=throw,
-    )
+    if all(is_concrete(leaf) for leaf in jax.tree_util.tree_leaves((positions, params))):
+        # Nothing to differentiate: the plain relaxation (compiled once per energy and
+        # shared with relax()) instead of compiling equilibrium's implicit wrapper.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = relax(system.energy_fn, positions, params, shift_fn=system.shift_fn, dt_max=system.dt_max,
+                           fmax=fmax, max_steps=max_steps)
+        x = result.positions
+        if not bool(result.converged):
+            message = (f"elastic_moduli: the relaxation did not reach fmax <= {fmax:g} ({result.reason}, "
+                       f"fmax {float(result.fmax):.3g}), so the state is not an equilibrium")
+            if throw:
+                raise FloatingPointError(message + ".")
+            warnings.warn(message + "; the moduli are set to NaN.", RuntimeWarning, stacklevel=2)
+            x = jnp.full_like(x, jnp.nan)
+    else:
+        x = equilibrium(
+            system.energy_fn, positions, params, shift_fn=system.shift_fn, dt_max=system.dt_max,
+            fmax=fmax, max_steps=max_steps, throw=throw,
+        )
     solve = _enforced(_default_solver(solver), bool(throw))
     return _stiffness_jit(system.energy_fn, solve, _probe_solver(bool(throw)))(x, params)[0]

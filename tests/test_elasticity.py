@@ -214,11 +214,14 @@ def central_difference(f, params, tangent, h):
     return (f(plus) - f(minus)) / (2 * h)
 
 
-def test_pressure_and_shear_modulus_sensitivities_forward_reverse_and_finite_differences():
-    # p and G (O'Hern et al.'s: with the pressure terms) of x*(params) as functions of the
-    # diameters and epsilon. (This small fixed-box packing has G < 0: it is stable to
-    # particle motions but not to shear of the box, Dagois-Bohy et al., PRL 109, 095703, 2012.)
+def test_pressure_and_shear_modulus_sensitivities_against_rerelaxed_finite_differences():
+    # p and G (O'Hern et al.'s: with the pressure terms) of x*(params), as functions of
+    # the diameters and epsilon: forward mode for both, reverse mode for p (reverse mode
+    # of G costs another ~60 s of compilation). This small fixed-box packing has G < 0:
+    # stable to particle motions, not to shear of the box (Dagois-Bohy et al., PRL 109,
+    # 095703, 2012).
     s, x = packing()
+    pressure = ob.relaxed_observable(s, ob.pressure, x)
 
     def observables(params):
         stress = ob.relaxed_observable(s, ob.stress, x)(params)
@@ -227,12 +230,9 @@ def test_pressure_and_shear_modulus_sensitivities_forward_reverse_and_finite_dif
     tangent = jax.tree_util.tree_map(jnp.zeros_like, s.params)
     tangent["diameters"] = jnp.array([0.3, 1.0])
     tangent["epsilon"] = jnp.asarray(0.7)
-    # Forward and reverse mode from one linearisation: forward = J t, reverse = J^T e_k.
-    value, linear = jax.linearize(observables, s.params)
-    forward = linear(tangent)
-    transpose = jax.linear_transpose(linear, s.params)
-    gradients = [transpose(jnp.eye(2)[k])[0] for k in range(2)]
-    reverse = [sum(float(jnp.vdot(g[k], tangent[k])) for k in ("diameters", "epsilon")) for g in gradients]
+    value, forward = jax.jvp(observables, (s.params,), (tangent,))
+    gradient = jax.grad(pressure)(s.params)
+    reverse = sum(float(jnp.vdot(gradient[k], tangent[k])) for k in ("diameters", "epsilon"))
 
     def rerelaxed(params):
         res = ob.elastic_response(s, x, params)
@@ -241,12 +241,12 @@ def test_pressure_and_shear_modulus_sensitivities_forward_reverse_and_finite_dif
 
     fd = central_difference(rerelaxed, s.params, tangent, 1e-5)
     assert np.all(np.abs(forward) > 1e-2)
-    # FD steps from 1e-4 to 1e-6 scatter by ~1e-4 relative for G (the relaxations' fmax).
     assert float(forward[0]) == pytest.approx(fd[0], rel=1e-6)
+    # FD steps from 1e-4 to 1e-6 scatter by ~1e-4 relative for G (the relaxations' fmax).
     assert float(forward[1]) == pytest.approx(fd[1], rel=2e-4)
-    np.testing.assert_allclose(reverse, forward, rtol=1e-8)
-    # Harmonic spheres: x* does not depend on epsilon; p and G are proportional to it.
-    np.testing.assert_allclose([float(g["epsilon"]) for g in gradients], value / s.params["epsilon"], rtol=1e-8)
+    assert reverse == pytest.approx(float(forward[0]), rel=1e-10)
+    # Harmonic spheres: x* does not depend on epsilon, so p is proportional to it.
+    assert float(gradient["epsilon"]) == pytest.approx(float(value[0] / s.params["epsilon"]), rel=1e-10)
 
 
 # --- bad input -----------------------------------------------------------------------
@@ -285,6 +285,13 @@ def test_unstable_configuration_is_flagged_and_raises():
     assert bool(res.relaxed) and bool(res.negative_curvature) and not bool(res.ok)
     with pytest.raises(Exception, match="negative curvature"):
         jax.block_until_ready(ob.elastic_moduli(s, x, params))
+    # Not an equilibrium at all: a relaxation cut short is flagged, or raises.
+    short = ob.elastic_response(s, s.positions, s.params, max_steps=1)
+    assert not bool(short.relaxed) and not bool(short.ok)
+    with pytest.raises(FloatingPointError, match="did not reach fmax"):
+        ob.elastic_moduli(s, s.positions, s.params, max_steps=1)
+    with pytest.warns(RuntimeWarning, match="set to NaN"):
+        assert bool(jnp.all(jnp.isnan(ob.elastic_moduli(s, s.positions, s.params, max_steps=1, throw=False))))
 
 
 def test_strain_beyond_linear_response_is_flagged():
