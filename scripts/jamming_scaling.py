@@ -23,7 +23,8 @@ Outputs (format for readers, e.g. a notebook):
   n_rattlers, converged, moduli_ok, n_steps, fmax, solve_residual, seconds
   (wall time of the seed).
 - ``data/jamming_scaling.json``: ``settings``; ``exponents`` (per quantity:
-  exponent, uncertainty, expected, within_tolerance, per_seed_mean/std);
+  exponent, uncertainty, expected, within_tolerance, per_seed_mean/std, and
+  local_exponents: slopes between successive delta_phi);
   ``means`` (per quantity: delta_phi and the seed means); ``phi_c`` per seed;
   ``all_within_tolerance``, ``all_states_converged``, ``all_moduli_ok``.
 - ``notebooks/figures/jamming_scaling.png``.
@@ -93,8 +94,12 @@ def log(message: str) -> None:
 
 
 def fit(delta_phi: np.ndarray, values: np.ndarray) -> float:
-    """Slope of log(values) against log(delta_phi)."""
-    return float(np.polyfit(np.log(delta_phi), np.log(values), 1)[0])
+    """Slope of log(values) against log(delta_phi) over the positive values (NaN if
+    fewer than three: a fixed-box packing can have G < 0)."""
+    ok = values > 0
+    if ok.sum() < 3:
+        return float("nan")
+    return float(np.polyfit(np.log(delta_phi[ok]), np.log(values[ok]), 1)[0])
 
 
 def exponent(rows: list[dict], quantity: str, n_boot: int = 2000) -> dict:
@@ -107,10 +112,14 @@ def exponent(rows: list[dict], quantity: str, n_boot: int = 2000) -> dict:
     boot = [fit(dphis, table[rng.integers(0, len(seeds), len(seeds))].mean(axis=0)) for _ in range(n_boot)]
     per_seed = [fit(dphis, row) for row in table]
     slope = fit(dphis, mean)
+    with np.errstate(invalid="ignore"):
+        local = np.diff(np.log(np.where(mean > 0, mean, np.nan))) / np.diff(np.log(dphis))
     return {
-        "exponent": slope, "uncertainty": float(np.std(boot)), "expected": EXPECTED[quantity],
+        "exponent": slope, "uncertainty": float(np.nanstd(boot)), "expected": EXPECTED[quantity],
         "within_tolerance": bool(abs(slope - EXPECTED[quantity]) <= TOLERANCE),
-        "per_seed_mean": float(np.mean(per_seed)), "per_seed_std": float(np.std(per_seed)),
+        "points_used": int(np.sum(mean > 0)), "seeds_with_negative_values": int(np.sum(np.any(table <= 0, axis=1))),
+        "per_seed_mean": float(np.nanmean(per_seed)), "per_seed_std": float(np.nanstd(per_seed)),
+        "local_exponents": [None if np.isnan(e) else round(float(e), 3) for e in local],
         "delta_phi": dphis.tolist(), "mean": mean.tolist(),
     }
 
@@ -125,13 +134,16 @@ def figure(rows: list[dict], fits: dict, path: Path, title: str) -> None:
               ("shear_modulus", "shear modulus $G$"), ("excess_z", r"$z - z_{iso}$")]
     fig, axes = plt.subplots(2, 2, figsize=(8.5, 7.0))
     for ax, (key, label) in zip(axes.ravel(), panels):
-        ax.plot([r["delta_phi"] for r in rows], [r[key] for r in rows], ".", color="C0", alpha=0.4, label="seeds")
+        positive = [r for r in rows if r[key] > 0]  # log axes: a fixed-box G can be negative
+        ax.plot([r["delta_phi"] for r in positive], [r[key] for r in positive], ".", color="C0", alpha=0.4,
+                label=f"seeds ({len(rows) - len(positive)} values <= 0 not shown)" if len(positive) < len(rows) else "seeds")
         f = fits[key]
         d, m = np.array(f["delta_phi"]), np.array(f["mean"])
-        ax.plot(d, m, "o", color="k", label="seed mean")
-        c = np.exp(np.mean(np.log(m) - f["exponent"] * np.log(d)))
+        ok = m > 0
+        ax.plot(d[ok], m[ok], "o", color="k", label="seed mean")
+        c = np.exp(np.mean(np.log(m[ok]) - f["exponent"] * np.log(d[ok])))
         ax.plot(d, c * d ** f["exponent"], "-", color="C3",
-                label=f"fit: exponent {f['exponent']:.3f} ± {f['uncertainty']:.3f} (expected {f['expected']:g})")
+                label=f"fit: exponent {f['exponent']:.2f} ± {f['uncertainty']:.2f} (expected {f['expected']:g})")
         ax.set(xscale="log", yscale="log", xlabel=r"$\phi - \phi_c$", ylabel=label)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
