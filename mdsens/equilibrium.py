@@ -41,8 +41,16 @@ from mdsens._checks import (
 )
 from mdsens.implicit import custom_root, root_jvp, root_vjp
 from mdsens.linear_solve import SolveInfo, Solver
+from mdsens.neighbors import NeighborListEnergy
 from mdsens.relaxation import METHODS as RELAX_METHODS
-from mdsens.relaxation import RelaxResult, _relax, unrolled_relax
+from mdsens.relaxation import (
+    RelaxResult,
+    _all_concrete,
+    _relax,
+    _relax_neighbors,
+    relax_with_neighbors,
+    unrolled_relax,
+)
 
 Array = jax.Array
 EnergyFn = Callable[[Array, Any], Array]
@@ -167,6 +175,36 @@ def _implicit_equilibrium(energy_fn: EnergyFn, o: _Options):
 
 
 @functools.lru_cache(maxsize=64)
+def _implicit_equilibrium_neighbors(energy_fn: NeighborListEnergy, o: _Options):
+    """:func:`_implicit_equilibrium` for a neighbor-list energy. The relaxation
+    carries its list (traced: the capacity allocated at build time, no
+    reallocation; an overflow is a failed relaxation) and returns the list valid
+    at x*; the optimality condition and zero modes use that list, frozen, so
+    every derivative is exact. x* and the list are computed at fixed parameters
+    and passed to ``custom_root`` as its start and arguments."""
+
+    def optimality(x, args):
+        return _optimality(energy_fn.bind(args[2]))(x, args[0])
+
+    def modes(x, args):
+        return _zero_modes_at(energy_fn.bind(args[2]), o.zero_modes, args[1], x, args[0])
+
+    solved = custom_root(optimality, solve=_solver(o.solver), zero_modes=modes, throw=o.throw, has_aux=True)(
+        lambda x_star, args: (x_star, args[3])
+    )
+
+    def run(positions, params, given):
+        fixed = jax.lax.stop_gradient(params)
+        neighbors = energy_fn.build_list(positions, fixed)
+        result, neighbors = _relax_neighbors(
+            energy_fn, o.shift_fn, o.relax_method, positions, fixed, _relax_options(o), neighbors
+        )
+        return solved(_check_relaxed(result, o.throw), (params, given, neighbors, result))
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=64)
 def _unrolled_equilibrium(energy_fn: EnergyFn, shift_fn, relax_method: str, n_steps: int, dt_max: float):
     return jax.jit(
         lambda positions, params: unrolled_relax(
@@ -262,6 +300,10 @@ def equilibrium(
         throw: on a failed relaxation or linear solve, raise
             ``FloatingPointError`` at run time (True) or return NaN and warn.
         relax_method, fmax, max_steps, dt_max: passed to :func:`mdsens.relax`.
+
+    A neighbor-list energy (:mod:`mdsens.neighbors`) relaxes here with the list
+    capacity allocated when it was built (under ``jit`` and autodiff there is
+    no host to reallocate): an overflow is a failed relaxation.
     """
     return _equilibrium_with_info(**locals())[0]
 
@@ -295,6 +337,8 @@ def _equilibrium_with_info(
         check_positive(fd_step, "fd_step")
         return _finite_difference_equilibrium(energy_fn, o, float(fd_step))(positions, params, given), None
     _solver(solver)
+    if isinstance(energy_fn, NeighborListEnergy):
+        return _implicit_equilibrium_neighbors(energy_fn, o)(positions, params, given)
     return _implicit_equilibrium(energy_fn, o)(positions, params, given)
 
 
@@ -307,15 +351,43 @@ def _checked_with_info_inputs(caller, positions, params, shift_fn, solver, zero_
     return positions, params, o, zero_modes if isinstance(zero_modes, zm.ZeroModes) else None
 
 
-def _relax_and_modes(energy_fn, positions, params, o: _Options, given):
-    result = _relax(energy_fn, o.shift_fn, o.relax_method, positions, params, _relax_options(o))
+def _relax_and_modes(energy_fn, positions, params, o: _Options, given, relaxed=None):
+    """The relaxation, the zero modes and the energy to differentiate at x*: for a
+    neighbor-list energy, with its list frozen at x* (``relaxed``, the
+    ``(RelaxResult, list)`` of a host relaxation, or relaxed here if None)."""
+    if not isinstance(energy_fn, NeighborListEnergy):
+        result = _relax(energy_fn, o.shift_fn, o.relax_method, positions, params, _relax_options(o))
+    else:
+        if relaxed is None:
+            neighbors = energy_fn.build_list(positions, params)
+            relaxed = _relax_neighbors(
+                energy_fn, o.shift_fn, o.relax_method, positions, params, _relax_options(o), neighbors
+            )
+        result, energy_fn = relaxed[0], energy_fn.bind(relaxed[1])
     modes = _zero_modes_at(energy_fn, o.zero_modes, given, result.positions, params)
-    return result, modes
+    return result, modes, energy_fn
+
+
+def _relax_on_host(energy_fn, positions, params, o: _Options):
+    """A neighbor-list energy with concrete arguments is relaxed on the host, where
+    its list can be reallocated: ``(RelaxResult, list at x*)``; otherwise None.
+    The relaxation's list has a skin and spare capacity that derivatives at x* do
+    not need: they get the tight list of the pairs in range (exact, and cheaper
+    in every Hessian-vector product), unless the relaxation's list is invalid
+    (then it is kept, and the derivatives come out NaN)."""
+    if not (isinstance(energy_fn, NeighborListEnergy) and _all_concrete(positions, params)):
+        return None
+    result, neighbors = relax_with_neighbors(
+        energy_fn, positions, params, shift_fn=o.shift_fn, method=o.relax_method, options=_relax_options(o)
+    )
+    if bool(neighbors.valid):
+        neighbors = energy_fn.freeze(result.positions, params)
+    return result, neighbors
 
 
 @functools.partial(jax.jit, static_argnames=("energy_fn", "o"))
-def _jvp_with_info(energy_fn, o, positions, params, params_tangent, given):
-    result, modes = _relax_and_modes(energy_fn, positions, params, o, given)
+def _jvp_with_info(energy_fn, o, positions, params, params_tangent, given, relaxed=None):
+    result, modes, energy_fn = _relax_and_modes(energy_fn, positions, params, o, given, relaxed)
     tangent, info = root_jvp(
         _optimality(energy_fn), result.positions, params, params_tangent, solve=_solver(o.solver), zero_modes=modes
     )
@@ -323,8 +395,8 @@ def _jvp_with_info(energy_fn, o, positions, params, params_tangent, given):
 
 
 @functools.partial(jax.jit, static_argnames=("energy_fn", "o"))
-def _vjp_with_info(energy_fn, o, positions, params, cotangent, given):
-    result, modes = _relax_and_modes(energy_fn, positions, params, o, given)
+def _vjp_with_info(energy_fn, o, positions, params, cotangent, given, relaxed=None):
+    result, modes, energy_fn = _relax_and_modes(energy_fn, positions, params, o, given, relaxed)
     params_cotangent, info = root_vjp(
         _optimality(energy_fn), result.positions, params, cotangent, solve=_solver(o.solver), zero_modes=modes
     )
@@ -348,13 +420,16 @@ def equilibrium_jvp(
     """Forward mode with diagnostics: ``(x*, dx*[params_tangent], info)``.
 
     One relaxation and one linear solve. Never raises on failure: check
-    ``info.relax.converged`` and ``info.solve.converged``.
+    ``info.relax.converged`` and ``info.solve.converged``. A neighbor-list
+    energy called with concrete arrays relaxes on the host (reallocating its
+    list if needed) and solves with a list frozen at x*.
     """
     positions, params, o, given = _checked_with_info_inputs(
         "mdsens.equilibrium_jvp", positions, params, shift_fn, solver, zero_modes, relax_method, fmax, max_steps, dt_max
     )
     params_tangent = check_params(params_tangent, "params_tangent")
-    return _jvp_with_info(energy_fn, o, positions, params, params_tangent, given)
+    relaxed = _relax_on_host(energy_fn, positions, params, o)
+    return _jvp_with_info(energy_fn, o, positions, params, params_tangent, given, relaxed)
 
 
 def equilibrium_vjp(
@@ -384,7 +459,8 @@ def equilibrium_vjp(
     cotangent = check_positions(cotangent, "cotangent")
     if cotangent.shape != positions.shape:
         raise ValueError(f"cotangent must have the shape of positions {positions.shape}; got {cotangent.shape}.")
-    return _vjp_with_info(energy_fn, o, positions, params, cotangent, given)
+    relaxed = _relax_on_host(energy_fn, positions, params, o)
+    return _vjp_with_info(energy_fn, o, positions, params, cotangent, given, relaxed)
 
 
 def energy_sensitivity(energy_fn: EnergyFn, positions: Array, params: Any) -> Any:
@@ -400,7 +476,11 @@ def energy_sensitivity(energy_fn: EnergyFn, positions: Array, params: Any) -> An
 def hessian_diagonal(energy_fn: EnergyFn, positions: Array, params: Any, batch_size: int = 64) -> Array:
     """Exact diagonal of the Hessian at ``positions``, shape ``(N, dim)``, from
     ``N * dim`` Hessian-vector products (batched). For Jacobi preconditioning
-    (:func:`mdsens.linear_solve.jacobi`) of repeated solves at one state."""
+    (:func:`mdsens.linear_solve.jacobi`) of repeated solves at one state. For a
+    neighbor-list energy: in O(N), from the pair Hessian blocks
+    (:meth:`mdsens.neighbors.NeighborListEnergy.hessian_diagonal`)."""
+    if isinstance(energy_fn, NeighborListEnergy):
+        return energy_fn.hessian_diagonal(positions, params)
     hvp = _hvp(energy_fn, positions, params)
     n = positions.size
 

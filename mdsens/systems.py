@@ -3,10 +3,18 @@
 Every builder returns a :class:`System`. Its ``energy_fn(positions, params)``
 takes the parameters at call time, so any leaf of ``params`` can be
 differentiated. Pair parameters are stored per species (vectors of diameters,
-``S x S`` matrices of sigma and epsilon) and expanded to ``N x N`` pair
-matrices inside the energy, so derivatives flow back to the species entries.
+``S x S`` matrices of sigma and epsilon) and expanded to the pairs inside the
+energy, so derivatives flow back to the species entries.
 
-All energies here are all-pairs sums, O(N^2) in time and memory.
+Periodic systems of more than :data:`mdsens.neighbors.NEIGHBOR_LIST_THRESHOLD`
+(2000) particles, or any periodic system built with ``neighbor_list=True``,
+sum their pairs over a neighbor list
+(:class:`mdsens.neighbors.NeighborListEnergy`: O(N) time and memory, still
+called as ``energy_fn(positions, params)``; interaction range: the largest
+diameter of soft spheres, the cutoff of the other potentials; skin: a quarter
+of the range). The others, and every system built with ``neighbor_list=False``,
+are all-pairs sums with ``N x N`` pair matrices, O(N^2) in time and memory.
+Both give the same energy and derivatives. Free clusters are always all pairs.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import numpy as np
 from jax_md import energy as jmd_energy
 from jax_md import smap, space
 
+from mdsens import neighbors as nl
 from mdsens._checks import (
     as_float64,
     check_finite,
@@ -39,7 +48,8 @@ class System:
     """A particle system: an energy with its parameters, space and a random start.
 
     Attributes:
-        energy_fn: ``energy_fn(positions, params) -> scalar`` total energy.
+        energy_fn: ``energy_fn(positions, params) -> scalar`` total energy (a
+            :class:`mdsens.neighbors.NeighborListEnergy` for neighbor-list systems).
         params: dict of float64 arrays, the differentiable parameters.
         shift_fn: jax-md shift, ``shift_fn(positions, displacement) -> positions``.
             It does not wrap positions into the box: energies are periodic, and
@@ -70,6 +80,11 @@ class System:
     @property
     def dim(self) -> int:
         return self.positions.shape[1]
+
+    @property
+    def neighbor_list(self) -> bool:
+        """Whether the energy sums over a neighbor list."""
+        return isinstance(self.energy_fn, nl.NeighborListEnergy)
 
 
 def _check_size(n: int, dim: int) -> None:
@@ -180,6 +195,7 @@ def soft_sphere_packing(
     epsilon: float = 1.0,
     seed: int = 0,
     per_particle_diameters: bool = False,
+    neighbor_list: bool | None = None,
 ) -> System:
     r"""Soft spheres in a periodic box at packing fraction ``phi``.
 
@@ -191,6 +207,11 @@ def soft_sphere_packing(
     ``params = {"diameters", "epsilon", "alpha"}``; ``diameters`` has one entry
     per species, or one per particle if ``per_particle_diameters`` (the
     polydisperse variant, e.g. for gradients with respect to every diameter).
+
+    ``neighbor_list``: sum over a neighbor list (True), all pairs (False), or
+    a neighbor list if ``n > mdsens.neighbors.NEIGHBOR_LIST_THRESHOLD`` (None).
+    The list's interaction range is the largest diameter (read from
+    ``params`` at call time), its skin a quarter of it.
     """
     require_x64("soft_sphere_packing")
     _check_size(n, dim)
@@ -237,7 +258,28 @@ def soft_sphere_packing(
         }
     )
     positions = _random_positions(jax.random.PRNGKey(seed), n, box)
+    if nl.use_neighbor_list(n, neighbor_list):
+        energy_fn = _soft_sphere_neighbor_energy(species, positions, params)
     return System(energy_fn, params, shift_fn, displacement_fn, box, positions, species, dt_max=0.4)
+
+
+def _soft_sphere_neighbor_energy(species: Array, positions: Array, params: Params) -> nl.NeighborListEnergy:
+    n = positions.shape[0]
+
+    def pair_params(p: Params, i: Array, j: Array) -> Params:
+        d = p["diameters"]
+        if d.shape[0] != n:
+            d_i, d_j = d[species[i]], d[species[j]]
+        else:
+            d_i, d_j = d[i], d[j]
+        return {"sigma": 0.5 * (d_i + d_j), "epsilon": p["epsilon"], "alpha": p["alpha"]}
+
+    def pair_energy(r: Array, pp: Params) -> Array:
+        return jmd_energy.soft_sphere(r, pp["sigma"], pp["epsilon"], pp["alpha"])
+
+    return nl.NeighborListEnergy.build(
+        pair_energy, pair_params, lambda p: jnp.max(p["diameters"]), positions, params
+    )
 
 
 def _lennard_jones_pair(r: Array, sigma: Array, epsilon: Array, **unused: Any) -> Array:
@@ -277,11 +319,13 @@ def _pair_system(
     extra_params: dict[str, Any],
     dt_max: float,
     periodic: bool = True,
+    neighbor_list: bool | None = None,
 ) -> System:
     """A system of the pair potential ``pair_fn(r, sigma, epsilon, **extra)`` with
     species matrices of sigma and epsilon, smoothly cut off (C^1) between
     0.8 and 1.0 times ``cutoff`` (in units of the largest sigma), in a periodic
-    box at number ``density``, or in free space if not ``periodic``."""
+    box at number ``density``, or in free space if not ``periodic``. A neighbor
+    list (range: the cutoff) needs a periodic box and a cutoff."""
     require_x64("mdsens.systems")
     _check_size(n, dim)
     counts = _species_counts(n, fractions)
@@ -323,7 +367,34 @@ def _pair_system(
     # A lattice, not random positions: random starts would overlap and the
     # r^-12 repulsion would blow up.
     positions = _jittered_lattice(jax.random.PRNGKey(seed), n, dim, spacing, jitter=0.1)
+    if nl.use_neighbor_list(n, neighbor_list):
+        if not (periodic and cutoff is not None):
+            if neighbor_list:
+                raise ValueError("neighbor_list=True needs a periodic box and a finite cutoff.")
+        else:
+            energy_fn = _pair_neighbor_energy(pair_fn, species, r_cut, positions, params)
     return System(energy_fn, params, shift_fn, displacement_fn, box, positions, species, dt_max=dt_max)
+
+
+def _pair_neighbor_energy(
+    pair_fn: Callable[..., Array], species: Array, r_cut: float, positions: Array, params: Params
+) -> nl.NeighborListEnergy:
+    """Species-matrix pair potential (already cut off at ``r_cut``) over a neighbor list."""
+    extra = tuple(name for name in params if name not in ("sigma", "epsilon", "box"))
+
+    def pair_params(p: Params, i: Array, j: Array) -> Params:
+        # Both orders, as the all-pairs sum: the same values (symmetric matrices)
+        # and the same derivatives with respect to each matrix entry.
+        s_i, s_j = species[i], species[j]
+        both = lambda m: 0.5 * (m[s_i, s_j] + m[s_j, s_i])  # noqa: E731
+        return {"sigma": both(p["sigma"]), "epsilon": both(p["epsilon"]), **{name: p[name] for name in extra}}
+
+    def pair_energy(r: Array, pp: Params) -> Array:
+        return pair_fn(r, **pp)
+
+    return nl.NeighborListEnergy.build(
+        pair_energy, pair_params, lambda p: jnp.asarray(r_cut, jnp.float64), positions, params
+    )
 
 
 def lennard_jones(
@@ -335,6 +406,7 @@ def lennard_jones(
     fractions: Sequence[float] = (1.0,),
     cutoff: float = 2.5,
     seed: int = 0,
+    neighbor_list: bool | None = None,
 ) -> System:
     r"""Lennard-Jones particles :math:`4\epsilon[(\sigma/r)^{12} - (\sigma/r)^6]`
     in a periodic box at number ``density``.
@@ -342,15 +414,16 @@ def lennard_jones(
     ``sigma`` and ``epsilon`` are scalars or ``S x S`` species matrices;
     ``params = {"sigma", "epsilon"}`` holds the matrices. The cutoff range
     (``cutoff`` times the largest sigma at build time) is fixed and is not a
-    parameter.
+    parameter. ``neighbor_list`` as in :func:`soft_sphere_packing`.
     """
     check_positive(cutoff, "cutoff")
     return _pair_system(
-        _lennard_jones_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {}, dt_max=0.05
+        _lennard_jones_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {}, dt_max=0.05,
+        neighbor_list=neighbor_list,
     )
 
 
-def kob_andersen(n: int, density: float = 1.2, seed: int = 0) -> System:
+def kob_andersen(n: int, density: float = 1.2, seed: int = 0, neighbor_list: bool | None = None) -> System:
     """The Kob-Andersen 80:20 binary Lennard-Jones mixture in 3D (PRE 51, 4626, 1995):
     sigma_AA=1, sigma_AB=0.8, sigma_BB=0.88, epsilon_AA=1, epsilon_AB=1.5,
     epsilon_BB=0.5, cut off at 2.5 sigma_AA, number density 1.2."""
@@ -363,6 +436,7 @@ def kob_andersen(n: int, density: float = 1.2, seed: int = 0) -> System:
         fractions=(0.8, 0.2),
         cutoff=2.5,
         seed=seed,
+        neighbor_list=neighbor_list,
     )
 
 
@@ -376,23 +450,26 @@ def morse(
     fractions: Sequence[float] = (1.0,),
     cutoff: float = 2.0,
     seed: int = 0,
+    neighbor_list: bool | None = None,
 ) -> System:
     r"""Morse particles :math:`\epsilon[(1 - e^{-\alpha(r-\sigma)})^2 - 1]` in a
     periodic box at number ``density``; ``params = {"sigma", "epsilon", "alpha"}``."""
     check_positive(cutoff, "cutoff")
     check_positive(alpha, "alpha")
     return _pair_system(
-        _morse_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {"alpha": alpha}, dt_max=0.05
+        _morse_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {"alpha": alpha}, dt_max=0.05,
+        neighbor_list=neighbor_list,
     )
 
 
 def lennard_jones_cluster(
-    n: int, dim: int = 3, sigma: float = 1.0, epsilon: float = 1.0, seed: int = 0
+    n: int, dim: int = 3, sigma: float = 1.0, epsilon: float = 1.0, seed: int = 0, neighbor_list: bool | None = None
 ) -> System:
     """A free (non-periodic) Lennard-Jones cluster of ``n`` particles with no cutoff,
     started from a compact jittered lattice. Its energy is invariant under rigid
-    translations and rotations."""
+    translations and rotations. Always all pairs: ``neighbor_list=True`` raises
+    ``ValueError`` (a neighbor list needs a periodic box and a cutoff)."""
     return _pair_system(
         _lennard_jones_pair, n, dim, 0.9, sigma, epsilon, (1.0,), None, seed, {}, dt_max=0.05,
-        periodic=False,
+        periodic=False, neighbor_list=neighbor_list,
     )

@@ -1,0 +1,298 @@
+"""Neighbor-list energies (mdsens.neighbors) against the all-pairs energies.
+
+- Agreement to 1e-10 relative (maximum deviation over the largest entry) on
+  2D bidisperse soft-sphere packings: energy, forces, Hessian-vector products
+  and parameter derivatives, relaxed positions from a common start, and one
+  forward sensitivity at N = 512; a gradient with respect to every particle's
+  diameter through ``mdsens.equilibrium`` and the Hessian diagonal at N = 144
+  (the all-pairs reference costs O(N^2) per Hessian-vector product, and this
+  module's budget is a minute on one core).
+- Overflow: reallocated on the host with the all-pairs answer; flagged
+  (``neighbor_overflow``) under ``jit``; NaN and a warning from standalone calls.
+- The O(N) Hessian diagonal, the builders' switch, bad input, and no N x N
+  array anywhere on the neighbor-list path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mdsens
+from mdsens import linear_solve, systems, zero_modes
+from mdsens import neighbors as nl
+from mdsens.relaxation import relax_with_neighbors
+
+RTOL = 1e-10
+# Tight enough that the derivatives agree because the operators do, not because
+# both solves took the same path.
+SOLVER = linear_solve.cg(rtol=1e-12)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def packing(n: int, neighbor_list, **kwargs) -> systems.System:
+    return systems.soft_sphere_packing(
+        n, dim=2, phi=0.9, per_particle_diameters=True, neighbor_list=neighbor_list, **kwargs
+    )
+
+
+def kw(system: systems.System) -> dict:
+    return {"shift_fn": system.shift_fn, "dt_max": system.dt_max}
+
+
+def relax_options(system: systems.System) -> dict:
+    return {
+        "fmax": jnp.asarray(1e-12), "max_steps": jnp.asarray(100_000, jnp.int32), "dt_max": jnp.asarray(system.dt_max)
+    }
+
+
+def reference_derivative(s: systems.System, x: jax.Array, direction, mode: str):
+    """The all-pairs implicit derivative at a relaxed ``x``: what
+    ``equilibrium_jvp`` / ``_vjp`` compute after their relaxation (zero modes
+    from Hessian-vector products, then one solve), without compiling one."""
+    gradient = jax.grad(s.energy_fn)
+
+    def run(x, p, direction):
+        hvp = lambda v: jax.jvp(lambda y: gradient(y, p), (x,), (v,))[1]  # noqa: E731
+        root = mdsens.root_jvp if mode == "jvp" else mdsens.root_vjp
+        return root(gradient, x, p, direction, solve=SOLVER, zero_modes=zero_modes.detect(hvp, x))
+
+    return jax.jit(run)(x, s.params, direction)
+
+
+def random_tangent(params: dict, seed: int) -> dict:
+    """Random per-particle diameters and a random (upper-triangular) box direction."""
+    keys = jax.random.split(jax.random.PRNGKey(seed))
+    tangent = jax.tree_util.tree_map(jnp.zeros_like, params)
+    tangent["diameters"] = jax.random.normal(keys[0], params["diameters"].shape)
+    tangent["box"] = jnp.triu(jax.random.normal(keys[1], params["box"].shape))
+    return tangent
+
+
+# ---------------------------------------------------------------------------
+# N = 512: the same numbers as all pairs
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair512() -> tuple[systems.System, systems.System]:
+    return packing(512, False), packing(512, True)
+
+
+@pytest.fixture(scope="module")
+def relaxed512(pair512) -> dict:
+    """Both paths relaxed to fmax 1e-12 from one start (the neighbor-list path
+    relaxed to fmax 1e-6 from the random start: most of the way, cheaply)."""
+    a, b = pair512
+    start = mdsens.relax(b.energy_fn, b.positions, b.params, fmax=1e-6, **kw(b)).positions
+    return {
+        "all_pairs": mdsens.relax(a.energy_fn, start, a.params, **kw(a)),
+        "neighbor_list": mdsens.relax(b.energy_fn, start, b.params, **kw(b)),
+    }
+
+
+def test_energy_forces_and_derivatives_agree(pair512) -> None:
+    a, b = pair512
+    x, p = a.positions, a.params  # the random start: many overlaps
+    v = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+
+    def derivatives(energy_fn):
+        def all_of_them(x, p):
+            e, (gx, gp) = jax.value_and_grad(energy_fn, argnums=(0, 1))(x, p)
+            hvp = jax.jvp(lambda y: jax.grad(energy_fn)(y, p), (x,), (v,))[1]
+            return e, gx, gp["diameters"], gp["box"], hvp
+
+        return jax.jit(all_of_them)(x, p)
+
+    for ours, theirs in zip(derivatives(b.energy_fn), derivatives(a.energy_fn)):
+        assert rel_err(ours, theirs) <= RTOL
+
+
+def test_relaxed_positions_agree(relaxed512) -> None:
+    ours, theirs = relaxed512["neighbor_list"], relaxed512["all_pairs"]
+    assert bool(ours.converged) and bool(theirs.converged)
+    assert ours.reason == "converged"
+    assert rel_err(ours.positions, theirs.positions) <= RTOL
+    assert float(ours.energy) == pytest.approx(float(theirs.energy), rel=RTOL)
+
+
+def test_forward_sensitivity_agrees(pair512, relaxed512) -> None:
+    a, b = pair512
+    x = relaxed512["all_pairs"].positions
+    tangent = random_tangent(a.params, 2)
+    dx_a, info_a = reference_derivative(a, x, tangent, "jvp")
+    _, dx_b, info_b = mdsens.equilibrium_jvp(b.energy_fn, x, b.params, tangent, solver=SOLVER, **kw(b))
+    assert bool(info_a.converged) and bool(info_b.solve.converged)
+    assert bool(info_b.relax.converged)
+    assert rel_err(dx_b, dx_a) <= RTOL
+
+
+def test_no_n_by_n_array_on_the_neighbor_list_path(pair512) -> None:
+    """Every intermediate of a relaxation and a sensitivity (equilibrium_jvp
+    traced: relaxation with the list built at the start, zero modes, solve),
+    of reverse mode through mdsens.equilibrium, and of the Hessian diagonal:
+    at most one axis of length >= N, fewer than N^2 entries (the all-pairs
+    energy fails this)."""
+    a, b = pair512
+    n = b.n
+    x, p, t = b.positions, b.params, random_tangent(b.params, 3)
+    calls = [
+        lambda x, p: mdsens.equilibrium_jvp(b.energy_fn, x, p, t, **kw(b)),
+        jax.grad(lambda x, p: jnp.sum(mdsens.equilibrium(b.energy_fn, x, p, **kw(b)) ** 2), argnums=1),
+        lambda x, p: mdsens.hessian_diagonal(b.energy_fn, x, p),
+    ]
+
+    def shapes(jaxpr):
+        """Shapes of every intermediate, also in sub-jaxprs (loops, conds, solves)."""
+        is_jaxpr = lambda leaf: isinstance(leaf, (jcore.Jaxpr, jcore.ClosedJaxpr))  # noqa: E731
+        for eqn in jaxpr.eqns:
+            yield from (v.aval.shape for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax.tree_util.tree_leaves(list(eqn.params.values()), is_leaf=is_jaxpr):
+                if is_jaxpr(sub):
+                    yield from shapes(getattr(sub, "jaxpr", sub))
+
+    def quadratic(shape) -> bool:
+        return sum(d >= n for d in shape) > 1 or int(np.prod(shape)) >= n * n
+
+    for call in calls:
+        jaxpr = jax.make_jaxpr(call)(x, p).jaxpr
+        assert not [s for s in shapes(jaxpr) if quadratic(s)]
+    assert any(quadratic(s) for s in shapes(jax.make_jaxpr(a.energy_fn)(x, p).jaxpr))
+
+
+# ---------------------------------------------------------------------------
+# Overflow: a list that holds exactly the start's pairs
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lattice() -> dict:
+    """N = 144 with both energies; a start on a jittered square lattice (spacing
+    1.14) relaxed with all pairs (the reference); and a list with cutoff 1.55 and
+    no headroom allocated at the start: it holds the 4 nearest neighbours of each
+    particle (capacity 288), the relaxed packing has more pairs within 1.55."""
+    s, k = packing(144, True), 12
+    spacing = float(s.box[0, 0]) / k
+    rng = np.random.default_rng(0)
+    grid = (np.stack(np.meshgrid(np.arange(k), np.arange(k), indexing="ij"), -1).reshape(-1, 2) + 0.5) * spacing
+    x = jnp.asarray(grid[rng.permutation(k * k)] + rng.uniform(-0.01, 0.01, (k * k, 2)) * spacing)
+    tight = s.energy_fn.replace(x, s.params, skin=0.15, capacity_multiplier=1.0)
+    assert tight.template.capacity == 2 * s.n
+    all_pairs = packing(144, False)
+    reference = mdsens.relax(all_pairs.energy_fn, x, s.params, **kw(s))
+    assert bool(reference.converged)
+    return {"system": s, "all_pairs": all_pairs, "x": x, "tight": tight, "reference": reference}
+
+
+def test_gradient_wrt_every_diameter_agrees(lattice) -> None:
+    """Reverse mode through mdsens.equilibrium (its own relaxation, under jit)."""
+    b, a, x = lattice["system"], lattice["all_pairs"], lattice["reference"].positions
+    weights = jax.random.normal(jax.random.PRNGKey(4), x.shape)
+    objective = lambda p: jnp.sum(weights * mdsens.equilibrium(b.energy_fn, x, p, solver=SOLVER, **kw(b)))  # noqa: E731
+    ours = jax.grad(objective)(b.params)
+    theirs, info = reference_derivative(a, x, weights, "vjp")
+    assert bool(info.converged)
+    assert rel_err(ours["diameters"], theirs["diameters"]) <= RTOL
+    assert rel_err(ours["box"], theirs["box"]) <= RTOL
+
+
+def test_hessian_diagonal_is_the_dense_diagonal(lattice) -> None:
+    b, a, x = lattice["system"], lattice["all_pairs"], lattice["x"]  # overlaps, off equilibrium
+    dense = jax.jit(jax.hessian(a.energy_fn))(x, a.params).reshape(x.size, x.size)
+    diagonal = mdsens.hessian_diagonal(b.energy_fn, x, b.params)
+    assert diagonal.shape == x.shape
+    assert rel_err(diagonal.ravel(), jnp.diag(dense)) <= RTOL
+
+
+def test_overflow_is_reallocated_on_the_host(lattice) -> None:
+    s, tight, reference = lattice["system"], lattice["tight"], lattice["reference"]
+    diagnostics: dict = {}
+    result, neighbors = relax_with_neighbors(
+        tight, lattice["x"], s.params, shift_fn=s.shift_fn, method="fire", options=relax_options(s),
+        diagnostics=diagnostics,
+    )
+    assert diagnostics["reallocations"] >= 1
+    assert bool(result.converged) and bool(neighbors.valid)
+    assert rel_err(result.positions, reference.positions) <= RTOL
+    assert float(result.energy) == pytest.approx(float(reference.energy), rel=RTOL)
+
+
+def test_overflow_under_jit_is_flagged_not_wrong(lattice) -> None:
+    s, x, tight = lattice["system"], lattice["x"], lattice["tight"]
+    with pytest.warns(RuntimeWarning, match="neighbor_overflow"):
+        result = jax.block_until_ready(jax.jit(lambda x, p: mdsens.relax(tight, x, p, **kw(s)))(x, s.params))
+    assert result.reason == "neighbor_overflow" and not bool(result.converged)
+    assert np.isnan(float(result.energy))
+    # The last state computed with a valid list: finite, not relaxed.
+    assert 0 < int(result.n_steps) and np.all(np.isfinite(result.positions))
+    assert np.isfinite(float(result.fmax)) and float(result.fmax) > 1e-12
+    # No x* either, and no derivative from it.
+    with pytest.warns(RuntimeWarning, match="neighbor_overflow"):
+        with pytest.warns(RuntimeWarning, match="did not reach the force tolerance"):
+            x_star = mdsens.equilibrium(tight, x, s.params, throw=False, **kw(s))
+    assert np.all(np.isnan(x_star))
+
+
+def test_standalone_calls_on_an_invalid_list_are_nan_and_warn(lattice) -> None:
+    s, x, tight = lattice["system"], lattice["x"], lattice["tight"]
+    p, relaxed = s.params, lattice["reference"].positions
+    assert np.isfinite(float(tight(x, p)))
+    with pytest.warns(RuntimeWarning, match="overflowed its capacity"):
+        assert np.isnan(float(tight(relaxed, p)))
+    with pytest.warns(RuntimeWarning, match="overflowed its capacity"):
+        assert np.all(np.isnan(jax.grad(tight)(relaxed, p)))
+    with pytest.warns(RuntimeWarning, match="not the box"):
+        assert np.isnan(float(tight(x, {**p, "box": 1.01 * p["box"]})))
+    with pytest.warns(RuntimeWarning, match="interaction range reached"):
+        assert np.isnan(float(tight(x, {**p, "diameters": 1.2 * p["diameters"]})))
+
+
+# ---------------------------------------------------------------------------
+# Builders and input checks
+# ---------------------------------------------------------------------------
+
+
+def test_builders_switch_above_the_threshold_or_on_request(monkeypatch) -> None:
+    assert nl.NEIGHBOR_LIST_THRESHOLD == 2000  # as documented
+    monkeypatch.setattr(nl, "NEIGHBOR_LIST_THRESHOLD", 143)
+    assert packing(144, None).neighbor_list
+    assert not packing(144, False).neighbor_list
+    assert not packing(143, None).neighbor_list
+
+
+def test_pair_potentials_over_a_neighbor_list_agree() -> None:
+    """Morse with two species (species matrices, an extra parameter): energy,
+    forces and parameter derivatives as all pairs."""
+    options = dict(dim=2, density=0.8, sigma=[[1.0, 1.1], [1.1, 1.2]], fractions=(0.5, 0.5))
+    a, b = systems.morse(144, neighbor_list=False, **options), systems.morse(144, neighbor_list=True, **options)
+    assert b.neighbor_list and not a.neighbor_list
+    x = a.positions + 0.05 * jax.random.normal(jax.random.PRNGKey(5), a.positions.shape)
+
+    def derivatives(energy_fn):
+        return jax.jit(jax.value_and_grad(energy_fn, argnums=(0, 1)))(x, a.params)
+
+    (e_b, (gx_b, gp_b)), (e_a, (gx_a, gp_a)) = derivatives(b.energy_fn), derivatives(a.energy_fn)
+    assert float(e_b) == pytest.approx(float(e_a), rel=RTOL)
+    assert rel_err(gx_b, gx_a) <= RTOL
+    for name in ("sigma", "epsilon", "alpha", "box"):
+        assert rel_err(gp_b[name], gp_a[name]) <= RTOL, name
+
+
+def test_bad_input_raises(lattice) -> None:
+    b = lattice["system"]
+    for bad in ({"skin": 0.0}, {"capacity_multiplier": 0.5}):
+        with pytest.raises(ValueError, match="must be"):
+            b.energy_fn.replace(b.positions, b.params, **bad)
+    with pytest.raises(ValueError, match="three list cutoffs"):  # a box too small for cells
+        b.energy_fn.replace(b.positions, b.params, skin=5.0)
+    with pytest.raises(ValueError, match="periodic box"):
+        systems.lennard_jones_cluster(144, dim=2, neighbor_list=True)
+    with pytest.raises(ValueError, match="neighbor_list must be"):
+        packing(144, "yes")
