@@ -5,6 +5,7 @@ transfers between host and devices for one process or several."""
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,10 @@ from mdsens.relaxation import CONVERGED, MAX_STEPS, NONFINITE, _minimiser, max_f
 from mdsens._study_config import StudyConfig
 from mdsens._study_io import StudyError
 from mdsens._study_plan import Chunk, Group, Plan, build_sample
+
+
+BROADCAST_TIMEOUT_MS = 3_600_000
+_BROADCASTS = itertools.count()
 
 
 def _next_power_of_two(n: int) -> int:
@@ -192,12 +197,20 @@ class Runtime:
         return multihost_utils.process_allgather(tree, tiled=True)
 
     def broadcast(self, value: np.ndarray) -> np.ndarray:
-        """Process 0's value, on every process."""
+        """Process 0's value, on every process. Through the key-value store of
+        ``jax.distributed`` rather than a device collective: process 0 may take
+        long (reading a folder) where CPU collectives (gloo) give up after 30 s."""
         if self.process_count == 1:
             return value
-        from jax.experimental import multihost_utils
+        from jax._src import distributed
 
-        return np.asarray(multihost_utils.broadcast_one_to_all(value))
+        key = f"mdsens_study_broadcast_{next(_BROADCASTS)}"  # the same sequence on every process
+        client = distributed.global_state.client
+        if self.process_index == 0:
+            client.key_value_set_bytes(key, np.ascontiguousarray(value).tobytes())
+            return value
+        data = client.blocking_key_value_get_bytes(key, BROADCAST_TIMEOUT_MS)
+        return np.frombuffer(data, dtype=value.dtype).reshape(value.shape).copy()
 
     def local_batch(self, chunk_size: int) -> int:
         """Members per device: a chunk is padded to a multiple of the device count."""

@@ -128,7 +128,7 @@ def run(
         raise
     meta = sio.Meta.from_plan(study_plan)
     done_mask = np.zeros(len(study_plan.chunks), dtype=bool)
-    if folder is not None:
+    if out is not None:  # on every process: on_writer broadcasts
         done_mask[sorted(on_writer(lambda: folder.start(config, meta.to_json())) or ())] = True
     done_mask = runtime.broadcast(done_mask)
     pending = [c for c in study_plan.chunks if not done_mask[c.index]]
