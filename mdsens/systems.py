@@ -306,6 +306,18 @@ def _smooth_cutoff(pair_fn: Callable[..., Array], r_onset: float, r_cutoff: floa
     return cut_fn
 
 
+def _without_self_pairs(pair_fn: Callable[..., Array]) -> Callable[..., Array]:
+    """``pair_fn`` that is 0 at ``r = 0``. ``smap.pair`` evaluates every ``i == j``
+    pair at ``r = 0`` and masks the result afterwards, which leaves NaN in the
+    derivative with respect to sigma and epsilon (``(sigma/r)^12`` at ``r = 0``)."""
+
+    def safe_fn(r: Array, *args: Any, **kwargs: Any) -> Array:
+        coincident = r == 0
+        return jnp.where(coincident, 0.0, pair_fn(jnp.where(coincident, 1.0, r), *args, **kwargs))
+
+    return safe_fn
+
+
 def _pair_system(
     pair_fn: Callable[..., Array],
     n: int,
@@ -354,7 +366,7 @@ def _pair_system(
         box = None
         # The pair minimum of Lennard-Jones, 2^(1/6) sigma: a start near equilibrium.
         spacing = 2.0 ** (1.0 / 6.0) * sigma_max
-    pair_energy = smap.pair(pair_fn, space.metric(displacement_fn))
+    pair_energy = smap.pair(_without_self_pairs(pair_fn), space.metric(displacement_fn))
 
     def energy_fn(positions: Array, params: Params) -> Array:
         pair_params = {
