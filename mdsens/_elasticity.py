@@ -344,9 +344,10 @@ def elastic_moduli(
     """Stiffness tensor ``C_ijkl`` (shape ``(dim, dim, dim, dim)``) of the relaxed state.
 
     ``positions`` are relaxed first with FIRE (a no-op if they already are, to
-    ``fmax``), through :func:`mdsens.equilibrium`, so the result is
-    differentiable with respect to ``params`` in forward and reverse mode
-    (e.g. ``jax.grad`` of a shear modulus with respect to the diameters).
+    ``fmax``); under a JAX transformation through :func:`mdsens.equilibrium`,
+    so the result is differentiable with respect to ``params`` in forward and
+    reverse mode (e.g. ``jax.grad`` of a shear modulus with respect to the
+    diameters).
 
     ``C = (1/V) d^2E*/deps deps`` with ``F = I + eps`` (jax-md's convention),
     Born term minus ``Xi^T H^+ Xi``, one CG solve per independent strain.

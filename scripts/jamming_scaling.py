@@ -26,6 +26,8 @@ Outputs (format for readers, e.g. a notebook):
   exponent, uncertainty, expected, within_tolerance, per_seed_mean/std, and
   local_exponents: slopes between successive delta_phi);
   ``means`` (per quantity: delta_phi and the seed means); ``phi_c`` per seed;
+  ``seed_seconds`` (wall time of each seed's computation; ``runtime_seconds``
+  is this run's, small when the seeds come from the cache);
   ``all_within_tolerance``, ``all_states_converged``, ``all_moduli_ok``.
 - ``notebooks/figures/jamming_scaling.png``.
 
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         "all_moduli_ok": all(r["moduli_ok"] for r in rows),
         "phi_c": {str(r["seed"]): r["phi_c"] for r in rows},
         "runtime_seconds": round(time.time() - start, 1),
+        "seed_seconds": {str(r["seed"]): r["seconds"] for r in rows},
     }
     means = {q: {"delta_phi": f["delta_phi"], "mean": f["mean"]} for q, f in fits.items()}
     (args.out / "jamming_scaling.json").write_text(json.dumps({**summary, "means": means}, indent=2) + "\n")
