@@ -290,8 +290,6 @@ def test_unstable_configuration_is_flagged_and_raises():
     assert not bool(short.relaxed) and not bool(short.ok)
     with pytest.raises(FloatingPointError, match="did not reach fmax"):
         ob.elastic_moduli(s, s.positions, s.params, max_steps=1)
-    with pytest.warns(RuntimeWarning, match="set to NaN"):
-        assert bool(jnp.all(jnp.isnan(ob.elastic_moduli(s, s.positions, s.params, max_steps=1, throw=False))))
 
 
 def test_strain_beyond_linear_response_is_flagged():
