@@ -113,3 +113,19 @@ def test_parameter_study_notebook(tmp_path, kernel) -> None:
         members = np.flatnonzero(ratio == value)
         assert np.all(np.diff(pressure[members[np.argsort(phi[members])]]) > 0)
 
+
+
+def test_jamming_notebook(tmp_path, kernel) -> None:
+    s = execute("05_jamming_moduli.ipynb", tmp_path, kernel)
+    assert s["all_states_converged"]
+    # Exponents against a numpy fit of the seed means read here from the CSV.
+    table = np.genfromtxt(NOTEBOOKS.parent / "data" / "jamming_scaling.csv", delimiter=",", names=True)
+    delta_phi = np.unique(table["delta_phi"])
+    np.testing.assert_allclose(s["delta_phi"], delta_phi)
+    for quantity in ("pressure", "bulk_modulus", "shear_modulus", "excess_z"):
+        means = [table[quantity][table["delta_phi"] == d].mean() for d in delta_phi]
+        slope = np.polyfit(np.log(delta_phi), np.log(means), 1)[0]
+        assert abs(s["exponents"][quantity]["exponent"] - slope) <= 1e-9
+    # Pressure is linear in the distance to jamming (O'Hern et al. 2003).
+    assert abs(s["exponents"]["pressure"]["exponent"] - 1.0) <= 0.1
+
