@@ -23,8 +23,6 @@ Writes ``inverse_design.png`` to ``--out``; prints a JSON summary.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 from collections.abc import Sequence
 
@@ -36,6 +34,7 @@ import numpy as np  # noqa: E402
 
 import mdsens  # noqa: E402
 from mdsens import observables, systems  # noqa: E402
+import _figure_cli as figure_cli  # noqa: E402
 
 SIZES = {"small": {"n": 16, "steps": 12}, "full": {"n": 128, "steps": 25}}
 PHI, DIAMETERS, TARGET_PRESSURE, DAMPING, FD_STEP = 0.9, (1.0, 1.4), 0.01, 0.5, 1e-5
@@ -121,15 +120,7 @@ def run(size: str = "full", out: str = "out/figures") -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=tuple(SIZES), default="full")
-    parser.add_argument("--out", default="out/figures")
-    args = parser.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    summary = run(args.size, args.out)
-    print(json.dumps({key: value for key, value in summary.items() if key != "final_positions"}, indent=2))
+    figure_cli.main(__doc__, run, SIZES, argv, not_printed=("final_positions",))
 
 
 if __name__ == "__main__":

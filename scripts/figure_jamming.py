@@ -16,14 +16,13 @@ Writes ``elastic_moduli.png`` to ``--out``; prints a JSON summary.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import pathlib
 from collections.abc import Sequence
 
 import jamming_scaling as js
 import numpy as np
+import _figure_cli as figure_cli
 
 DATA = js.ROOT / "data" / "jamming_scaling.csv"
 SIZES = {"small": {"n_boot": 200}, "full": {"n_boot": 2000}}
@@ -79,15 +78,7 @@ def run(size: str = "full", out: str = "out/figures", data: str | pathlib.Path =
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=tuple(SIZES), default="full")
-    parser.add_argument("--out", default="out/figures")
-    parser.add_argument("--data", default=str(DATA), help="CSV of scripts/jamming_scaling.py")
-    args = parser.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    print(json.dumps(run(args.size, args.out, args.data), indent=2))
+    figure_cli.main(__doc__, run, SIZES, argv, {"--data": {"default": str(DATA), "help": "CSV of scripts/jamming_scaling.py"}})
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ Writes ``precision.png`` to ``--out``; prints a JSON summary.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import warnings
 from collections.abc import Sequence
@@ -34,6 +32,7 @@ import numpy as np
 
 import mdsens
 from mdsens import linear_solve, zero_modes
+import _figure_cli as figure_cli
 
 SIZES = {"small": {"n": 16, "n_points": 6}, "full": {"n": 128, "n_points": 16}}
 
@@ -106,14 +105,7 @@ def run(size: str = "full", out: str = "out/figures") -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=tuple(SIZES), default="full")
-    parser.add_argument("--out", default="out/figures")
-    args = parser.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    print(json.dumps(run(args.size, args.out), indent=2))
+    figure_cli.main(__doc__, run, SIZES, argv)
 
 
 if __name__ == "__main__":

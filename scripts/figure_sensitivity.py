@@ -18,10 +18,8 @@ Writes ``sensitivity_methods.png`` to ``--out``; prints a JSON summary.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -33,6 +31,7 @@ import numpy as np  # noqa: E402
 
 import mdsens  # noqa: E402
 from mdsens import systems  # noqa: E402
+import _figure_cli as figure_cli  # noqa: E402
 
 SIZES = {"small": {"n": 16}, "full": {"n": 128}}
 PHI, DIAMETERS, SEED = 0.9, (1.0, 1.4), 0
@@ -160,14 +159,7 @@ def run(size: str = "full", out: str = "out/figures") -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=tuple(SIZES), default="full")
-    parser.add_argument("--out", default="out/figures")
-    args = parser.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    print(json.dumps(run(args.size, args.out), indent=2))
+    figure_cli.main(__doc__, run, SIZES, argv)
 
 
 if __name__ == "__main__":

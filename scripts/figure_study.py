@@ -22,8 +22,6 @@ Writes ``study.png`` to ``--out``; prints a JSON summary.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import tempfile
 from collections.abc import Sequence
@@ -34,6 +32,7 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 from mdsens import study  # noqa: E402
+import _figure_cli as figure_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "data" / "study_example.toml"
@@ -112,15 +111,7 @@ def run(size: str = "full", out: str = "out/figures", study_folder: str | None =
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("small", "full"), default="full")
-    parser.add_argument("--out", default="out/figures")
-    parser.add_argument("--study", default=None, help="study folder (full size; default out/study_example)")
-    args = parser.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    print(json.dumps(run(args.size, args.out, args.study), indent=2))
+    figure_cli.main(__doc__, run, ("small", "full"), argv, {"--study": {"default": None, "help": "study folder (full size; default out/study_example)"}})
 
 
 if __name__ == "__main__":
