@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Benchmark: relaxation and one full sensitivity at scale, with neighbor lists.
+
+2D (or 3D) periodic 50:50 bidisperse soft-sphere packings (diameters 1.0 and
+1.4, harmonic, per-particle diameters as parameters) at packing fraction
+``--phi`` (default 0.9 in 2D, 0.7 in 3D), built by ``mdsens.systems`` (which
+switches to a neighbor list above 2000 particles; ``--neighbor-list`` forces
+it). For one size (``--n N --dim D``) it measures, in this order:
+
+- ``build_s``: building the system (its neighbor list allocated at the start);
+- ``relax_s``, ``relax_steps``: ``mdsens.relax`` (FIRE to fmax 1e-12) from the
+  random start, compilation included; ``reallocations`` of the list on the way;
+- ``sensitivity_s``: ``mdsens.equilibrium_jvp`` from the relaxed state, i.e.
+  dx*/d(small diameter) for every particle: list allocation, zero-mode
+  detection and one CG solve, compilation included; ``cg_iterations``,
+  ``residual`` (true relative residual);
+- ``force_ms``, ``hvp_ms``: one force evaluation (gradient of the energy) and
+  one Hessian-vector product with the list frozen at x* (jitted, best of
+  several, compilation excluded), and their ratio;
+- ``jacobi_*``: the same solve with Jacobi preconditioning, its diagonal
+  from the O(N) exact Hessian diagonal (``mdsens.hessian_diagonal``);
+- ``peak_rss_mb`` (the process's peak resident memory), ``total_s`` and the
+  load average before and after (``os.getloadavg``): other jobs share the
+  cores, so times are noisy.
+
+Without ``--n`` it runs 2D N = 1e3, 1e4, 1e5 (``--sizes``; ``--dim3`` adds 3D
+sizes), each in its own subprocess, and prints the list. ``--phis`` instead
+measures CG iterations with and without Jacobi across packing fractions (the
+approach to jamming, phi_J ~ 0.84 in 2D) at one size. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import mdsens  # noqa: E402
+from mdsens import linear_solve, systems  # noqa: E402
+from mdsens.relaxation import relax_with_neighbors  # noqa: E402
+
+
+def load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def best_ms(fn, *args, repeat: int = 5, budget_s: float = 20.0) -> float:
+    """Fastest of ``repeat`` runs after a warm-up (compilation) run, in ms."""
+    jax.block_until_ready(fn(*args))
+    best, spent = np.inf, 0.0
+    for _ in range(repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent > budget_s:
+            break
+    return 1e3 * best
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def default_phi(dim: int) -> float:
+    return 0.9 if dim == 2 else 0.7
+
+
+def build(n: int, dim: int, phi: float, seed: int, neighbor_list: bool | None):
+    return systems.soft_sphere_packing(
+        n, dim=dim, phi=phi, per_particle_diameters=True, seed=seed, neighbor_list=neighbor_list
+    )
+
+
+def small_tangent(system):
+    small = (np.asarray(system.species) == 0).astype(np.float64)
+    return dict(jax.tree_util.tree_map(jnp.zeros_like, system.params), diameters=jnp.asarray(small))
+
+
+def measure(n: int, dim: int, phi: float, seed: int, neighbor_list: bool | None, jacobi: bool, max_steps: int) -> dict:
+    out: dict = {"n": n, "dim": dim, "phi": phi, "seed": seed, "load_before": load()}
+    start_all = time.perf_counter()
+    start = time.perf_counter()
+    s = build(n, dim, phi, seed, neighbor_list)
+    out["build_s"] = round(time.perf_counter() - start, 3)
+    out["neighbor_list"] = s.neighbor_list
+    relax_kw = dict(shift_fn=s.shift_fn, dt_max=s.dt_max)
+
+    start = time.perf_counter()
+    if s.neighbor_list:
+        options = {
+            "fmax": jnp.asarray(1e-12),
+            "max_steps": jnp.asarray(max_steps, jnp.int32),
+            "dt_max": jnp.asarray(s.dt_max),
+        }
+        diagnostics: dict = {}
+        result, _ = relax_with_neighbors(
+            s.energy_fn, s.positions, s.params, shift_fn=s.shift_fn, method="fire", options=options,
+            diagnostics=diagnostics,
+        )
+        out["capacity_start"] = s.energy_fn.template.capacity
+        out.update({f"list_{k}": v for k, v in diagnostics.items()})
+    else:
+        result = mdsens.relax(s.energy_fn, s.positions, s.params, max_steps=max_steps, **relax_kw)
+    jax.block_until_ready(result)
+    out["relax_s"] = round(time.perf_counter() - start, 3)
+    out["relax_steps"] = int(result.n_steps)
+    out["relax_fmax"] = float(result.fmax)
+    out["relax_reason"] = result.reason
+    x_star = result.positions
+    out["rss_after_relax_mb"] = round(peak_rss_mb(), 1)
+    print(json.dumps(out), file=sys.stderr, flush=True)
+
+    tangent = small_tangent(s)
+    start = time.perf_counter()
+    x, dx, info = mdsens.equilibrium_jvp(s.energy_fn, x_star, s.params, tangent, max_steps=max_steps, **relax_kw)
+    jax.block_until_ready(dx)
+    out["sensitivity_s"] = round(time.perf_counter() - start, 3)
+    out["cg_iterations"] = int(info.solve.iterations)
+    out["residual"] = float(info.solve.residual)
+    out["solve_converged"] = bool(info.solve.converged)
+    out["sensitivity_max_abs"] = float(jnp.max(jnp.abs(dx)))
+
+    # Per-evaluation costs with the list frozen at x* (for the neighbor list: the
+    # tight list of pairs in range that the solves use; the relaxation's list, with
+    # skin and spare capacity, is timed as force_relax_list_ms).
+    if s.neighbor_list:
+        start = time.perf_counter()
+        frozen = s.energy_fn.freeze(x_star, s.params)
+        out["freeze_s"] = round(time.perf_counter() - start, 3)
+        out["pairs_frozen"] = int(frozen.n_pairs)
+        energy = s.energy_fn.bind(frozen)
+        relax_energy = s.energy_fn.bind(s.energy_fn.allocate(x_star, s.params))
+        force_relax = jax.jit(lambda y, p: -jax.grad(relax_energy)(y, p))
+        out["force_relax_list_ms"] = round(best_ms(force_relax, x_star, s.params), 3)
+    else:
+        energy = s.energy_fn
+    force = jax.jit(lambda y, p: -jax.grad(energy)(y, p))
+    hvp = jax.jit(lambda y, p, v: jax.jvp(lambda z: jax.grad(energy)(z, p), (y,), (v,))[1])
+    v = jax.random.normal(jax.random.PRNGKey(2), x_star.shape, x_star.dtype)
+    out["force_ms"] = round(best_ms(force, x_star, s.params), 3)
+    out["hvp_ms"] = round(best_ms(hvp, x_star, s.params, v), 3)
+    out["hvp_over_force"] = round(out["hvp_ms"] / out["force_ms"], 3)
+    print(json.dumps(out), file=sys.stderr, flush=True)
+
+    if jacobi:
+        start = time.perf_counter()
+        diagonal = jax.jit(lambda y, p: mdsens.hessian_diagonal(s.energy_fn, y, p))(x_star, s.params)
+        jax.block_until_ready(diagonal)
+        out["hessian_diagonal_s"] = round(time.perf_counter() - start, 3)
+        solver = linear_solve.cg(preconditioner=linear_solve.jacobi(diagonal))
+        start = time.perf_counter()
+        _, dx_j, info_j = mdsens.equilibrium_jvp(
+            s.energy_fn, x_star, s.params, tangent, solver=solver, max_steps=max_steps, **relax_kw
+        )
+        jax.block_until_ready(dx_j)
+        out["jacobi_sensitivity_s"] = round(time.perf_counter() - start, 3)
+        out["jacobi_cg_iterations"] = int(info_j.solve.iterations)
+        out["jacobi_residual"] = float(info_j.solve.residual)
+        out["jacobi_vs_plain_max_rel_diff"] = float(jnp.max(jnp.abs(dx_j - dx)) / jnp.max(jnp.abs(dx)))
+
+    out["total_s"] = round(time.perf_counter() - start_all, 3)
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    out["load_after"] = load()
+    out["cpus"] = os.cpu_count()
+    out["jax"] = jax.__version__
+    out["platform"] = platform.platform()
+    return out
+
+
+def jamming_sweep(
+    n: int, dim: int, phis: list[float], seed: int, neighbor_list: bool | None, max_steps: int
+) -> list[dict]:
+    """CG iterations with and without Jacobi preconditioning as phi approaches jamming."""
+    rows = []
+    for phi in phis:
+        s = build(n, dim, phi, seed, neighbor_list)
+        relax_kw = dict(shift_fn=s.shift_fn, dt_max=s.dt_max, max_steps=max_steps)
+        r = mdsens.relax(s.energy_fn, s.positions, s.params, **relax_kw)
+        tangent = small_tangent(s)
+        row = {"n": n, "dim": dim, "phi": phi, "relax_steps": int(r.n_steps), "relax_reason": r.reason, "load": load()}
+        _, dx, info = mdsens.equilibrium_jvp(s.energy_fn, r.positions, s.params, tangent, **relax_kw)
+        diagonal = mdsens.hessian_diagonal(s.energy_fn, r.positions, s.params)
+        d = np.asarray(diagonal)
+        row["diagonal_spread"] = float(np.max(d) / np.min(d[d > 0]))
+        solver = linear_solve.cg(preconditioner=linear_solve.jacobi(diagonal))
+        _, dx_j, info_j = mdsens.equilibrium_jvp(s.energy_fn, r.positions, s.params, tangent, solver=solver, **relax_kw)
+        row.update(
+            cg_iterations=int(info.solve.iterations),
+            jacobi_cg_iterations=int(info_j.solve.iterations),
+            reduction=round(1.0 - int(info_j.solve.iterations) / max(int(info.solve.iterations), 1), 3),
+            residual=float(info.solve.residual),
+            jacobi_residual=float(info_j.solve.residual),
+            max_rel_diff=float(jnp.max(jnp.abs(dx_j - dx)) / jnp.max(jnp.abs(dx))),
+        )
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, help="one size: measure it in this process and print one JSON object")
+    parser.add_argument("--dim", type=int, default=2)
+    parser.add_argument("--phi", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--neighbor-list", choices=("auto", "on", "off"), default="on",
+                        help="neighbor list at every size (on, default), the builders' rule (auto) or all pairs (off)")
+    parser.add_argument("--no-jacobi", action="store_true", help="skip the preconditioned solve")
+    parser.add_argument("--max-steps", type=int, default=200_000)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--dim3", type=int, nargs="*", default=[], help="3D sizes to add to the sweep")
+    parser.add_argument("--phis", type=float, nargs="*", help="jamming sweep at --n (default 1000) instead")
+    args = parser.parse_args()
+    neighbor_list = {"auto": None, "on": True, "off": False}[args.neighbor_list]
+
+    if args.phis:
+        rows = jamming_sweep(args.n or 1000, args.dim, args.phis, args.seed, neighbor_list, args.max_steps)
+        print(json.dumps(rows, indent=1))
+        return
+    if args.n is not None:
+        phi = default_phi(args.dim) if args.phi is None else args.phi
+        print(json.dumps(measure(args.n, args.dim, phi, args.seed, neighbor_list, not args.no_jacobi, args.max_steps)))
+        return
+    runs = [(n, 2) for n in args.sizes] + [(n, 3) for n in args.dim3]
+    results = []
+    for n, dim in runs:
+        command = [sys.executable, __file__, "--n", str(n), "--dim", str(dim), "--seed", str(args.seed),
+                   "--neighbor-list", args.neighbor_list, "--max-steps", str(args.max_steps)]
+        if args.no_jacobi:
+            command.append("--no-jacobi")
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            results.append({"n": n, "dim": dim, "error": done.stderr[-2000:]})
+        else:
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
