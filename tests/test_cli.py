@@ -9,7 +9,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,14 +18,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = shutil.which("mdsens", path=str(pathlib.Path(sys.executable).parent))
 
 
-def test_help_is_fast_and_light():
+def test_help_imports_nothing_heavy():
     """``mdsens --help`` (the installed console script, else ``python -m
     mdsens.cli``) answers without importing JAX, jax-md, numpy or xarray (JAX
     alone takes over a second to import), and so does each command's help."""
     command = [SCRIPT] if SCRIPT else [sys.executable, "-m", "mdsens.cli"]
-    start = time.perf_counter()
     run = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
-    seconds = time.perf_counter() - start
     assert run.returncode == 0, run.stderr
     assert "usage: mdsens" in run.stdout and "study" in run.stdout and "demo" in run.stdout
     code = (
@@ -40,7 +37,6 @@ def test_help_is_fast_and_light():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stderr.strip().splitlines()[-1]) == [], f"imported for --help: {run.stderr}"
-    assert seconds < 10, seconds  # the wall clock of a loaded machine; about 0.1 s alone
 
 
 def main(capsys, *argv: str) -> tuple[int, str, str]:
