@@ -13,10 +13,13 @@ it). For one size (``--n N --dim D``) it measures, in this order:
 - ``sensitivity_s``: ``mdsens.equilibrium_jvp`` from the relaxed state, i.e.
   dx*/d(small diameter) for every particle: list allocation, zero-mode
   detection and one CG solve, compilation included; ``cg_iterations``,
-  ``residual`` (true relative residual);
+  ``residual`` (true relative residual); ``sensitivity_warm_s``: the same call
+  again (compiled), and per CG iteration (an upper bound of its cost);
 - ``force_ms``, ``hvp_ms``: one force evaluation (gradient of the energy) and
-  one Hessian-vector product with the list frozen at x* (jitted, best of
-  several, compilation excluded), and their ratio;
+  one Hessian-vector product with the list frozen at x* (jitted, compilation
+  excluded, fastest of 15 rounds that take turns), and their ratio; also a
+  force with the relaxation's list (``force_relax_list_ms``: skin and spare
+  capacity) and one rebuild of that list (``rebuild_ms``);
 - ``jacobi_*``: the same solve with Jacobi preconditioning, its diagonal
   from the O(N) exact Hessian diagonal (``mdsens.hessian_diagonal``);
 - ``peak_rss_mb`` (the process's peak resident memory), ``total_s`` and the
@@ -55,18 +58,21 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def best_ms(fn, *args, repeat: int = 5, budget_s: float = 20.0) -> float:
-    """Fastest of ``repeat`` runs after a warm-up (compilation) run, in ms."""
-    jax.block_until_ready(fn(*args))
-    best, spent = np.inf, 0.0
-    for _ in range(repeat):
-        start = time.perf_counter()
+def best_ms(calls: dict, rounds: int = 15, budget_s: float = 30.0) -> dict:
+    """Fastest run of each ``name: (fn, args)`` in ms, after a warm-up
+    (compilation) run, over ``rounds`` rounds that call each once in turn:
+    other jobs on the machine then slow all of them alike."""
+    for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
-        elapsed = time.perf_counter() - start
-        best, spent = min(best, elapsed), spent + elapsed
-        if spent > budget_s:
+    best, start = dict.fromkeys(calls, np.inf), time.perf_counter()
+    for _ in range(rounds):
+        for name, (fn, args) in calls.items():
+            begin = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - begin)
+        if time.perf_counter() - start > budget_s:
             break
-    return 1e3 * best
+    return {name: round(1e3 * t, 3) for name, t in best.items()}
 
 
 def peak_rss_mb() -> float:
@@ -131,26 +137,38 @@ def measure(n: int, dim: int, phi: float, seed: int, neighbor_list: bool | None,
     out["residual"] = float(info.solve.residual)
     out["solve_converged"] = bool(info.solve.converged)
     out["sensitivity_max_abs"] = float(jnp.max(jnp.abs(dx)))
+    # The same again, compiled: (re)allocation, zero modes and the solve.
+    start = time.perf_counter()
+    again = mdsens.equilibrium_jvp(s.energy_fn, x_star, s.params, tangent, max_steps=max_steps, **relax_kw)
+    jax.block_until_ready(again)
+    out["sensitivity_warm_s"] = round(time.perf_counter() - start, 3)
+    out["warm_ms_per_cg_iteration"] = round(1e3 * out["sensitivity_warm_s"] / max(out["cg_iterations"], 1), 3)
 
     # Per-evaluation costs with the list frozen at x* (for the neighbor list: the
     # tight list of pairs in range that the solves use; the relaxation's list, with
-    # skin and spare capacity, is timed as force_relax_list_ms).
+    # skin and spare capacity, is timed as force_relax_list_ms, and one rebuild of
+    # it, from its cell list, as rebuild_ms).
+    v = jax.random.normal(jax.random.PRNGKey(2), x_star.shape, x_star.dtype)
+    calls = {}
     if s.neighbor_list:
         start = time.perf_counter()
         frozen = s.energy_fn.freeze(x_star, s.params)
         out["freeze_s"] = round(time.perf_counter() - start, 3)
         out["pairs_frozen"] = int(frozen.n_pairs)
         energy = s.energy_fn.bind(frozen)
-        relax_energy = s.energy_fn.bind(s.energy_fn.allocate(x_star, s.params))
-        force_relax = jax.jit(lambda y, p: -jax.grad(relax_energy)(y, p))
-        out["force_relax_list_ms"] = round(best_ms(force_relax, x_star, s.params), 3)
+        relax_list = s.energy_fn.allocate(x_star, s.params)
+        relax_energy = s.energy_fn.bind(relax_list)
+        fractional = relax_list.pairs.reference_position
+        calls["force_relax_list_ms"] = (jax.jit(lambda y, p: -jax.grad(relax_energy)(y, p)), (x_star, s.params))
+        # Timed on its own: it sweeps through far more memory than the others.
+        rebuild = jax.jit(lambda pairs, f: pairs.update(f))
+        out.update(best_ms({"rebuild_ms": (rebuild, (relax_list.pairs, fractional))}, rounds=5))
     else:
         energy = s.energy_fn
-    force = jax.jit(lambda y, p: -jax.grad(energy)(y, p))
+    calls["force_ms"] = (jax.jit(lambda y, p: -jax.grad(energy)(y, p)), (x_star, s.params))
     hvp = jax.jit(lambda y, p, v: jax.jvp(lambda z: jax.grad(energy)(z, p), (y,), (v,))[1])
-    v = jax.random.normal(jax.random.PRNGKey(2), x_star.shape, x_star.dtype)
-    out["force_ms"] = round(best_ms(force, x_star, s.params), 3)
-    out["hvp_ms"] = round(best_ms(hvp, x_star, s.params, v), 3)
+    calls["hvp_ms"] = (hvp, (x_star, s.params, v))
+    out.update(best_ms(calls))
     out["hvp_over_force"] = round(out["hvp_ms"] / out["force_ms"], 3)
     print(json.dumps(out), file=sys.stderr, flush=True)
 

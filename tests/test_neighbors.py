@@ -5,8 +5,8 @@
   and parameter derivatives, relaxed positions from a common start, and one
   forward sensitivity at N = 512; a gradient with respect to every particle's
   diameter through ``mdsens.equilibrium`` and the Hessian diagonal at N = 144
-  (the all-pairs reference costs O(N^2) per Hessian-vector product, and this
-  module's budget is a minute on one core).
+  (the all-pairs reference costs O(N^2) per Hessian-vector product; most of
+  this module's time is compilation).
 - Overflow: reallocated on the host with the all-pairs answer; flagged
   (``neighbor_overflow``) under ``jit``; NaN and a warning from standalone calls.
 - The O(N) Hessian diagonal, the builders' switch, bad input, and no N x N
