@@ -1,93 +1,49 @@
 """mdsens: how mechanical equilibria of particle systems move when parameters change.
 
-Relax a system (:func:`relax`), then differentiate the relaxed positions with
-respect to any parameter by implicit differentiation (:func:`equilibrium`).
+Build or bring a :class:`System`, relax it (:func:`relax`), then differentiate
+the relaxed positions with respect to any parameter by implicit
+differentiation (:func:`equilibrium`). Options are values: minimisers
+(:class:`FIRE`, :class:`GradientDescent`), linear solvers (:class:`CG`,
+:class:`MINRES`, :class:`BiCGSTAB`, :class:`Dense`) and derivative methods
+(:class:`Implicit`, :class:`Unrolled`, :class:`FiniteDifference`).
 
-Everything is loaded on first use, so that ``import mdsens.cli`` (the
-``mdsens`` command) answers ``--help`` without importing JAX or jax-md.
-Submodules: ``systems``, ``observables``, ``neighbors``, ``jamming``,
-``study``, ``linear_solve``, ``zero_modes``, ``plotting``, ``demo``.
+Subpackages and modules: ``systems`` (builders, the energy protocol),
+``neighbors``, ``observables``, ``jamming``, ``study``, ``linear_solve``,
+``zero_modes``, ``implicit``, ``testing``, ``plotting``.
 """
 
-from __future__ import annotations
+from importlib.metadata import PackageNotFoundError, version
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from mdsens._results import Status as Status
+from mdsens.adjoints import FiniteDifference as FiniteDifference
+from mdsens.adjoints import Implicit as Implicit
+from mdsens.adjoints import Unrolled as Unrolled
+from mdsens.equilibria import EquilibriumInfo as EquilibriumInfo
+from mdsens.equilibria import energy_sensitivity as energy_sensitivity
+from mdsens.equilibria import equilibrium as equilibrium
+from mdsens.equilibria import equilibrium_jvp as equilibrium_jvp
+from mdsens.equilibria import equilibrium_vjp as equilibrium_vjp
+from mdsens.equilibria import equilibrium_with_info as equilibrium_with_info
+from mdsens.equilibria import sensitivity_at as sensitivity_at
+from mdsens.implicit import custom_fixed_point as custom_fixed_point
+from mdsens.implicit import custom_root as custom_root
+from mdsens.implicit import root_jvp as root_jvp
+from mdsens.implicit import root_vjp as root_vjp
+from mdsens.linear_solve import CG as CG
+from mdsens.linear_solve import MINRES as MINRES
+from mdsens.linear_solve import BiCGSTAB as BiCGSTAB
+from mdsens.linear_solve import Dense as Dense
+from mdsens.linear_solve import Jacobi as Jacobi
+from mdsens.linear_solve import SolveInfo as SolveInfo
+from mdsens.minimisers import FIRE as FIRE
+from mdsens.minimisers import GradientDescent as GradientDescent
+from mdsens.minimisers import max_force as max_force
+from mdsens.relaxation import RelaxResult as RelaxResult
+from mdsens.relaxation import relax as relax
+from mdsens.systems import System as System
+from mdsens.zero_modes import ZeroModes as ZeroModes
 
-# Public name -> the module that defines it.
-_EXPORTS = {
-    "EquilibriumInfo": "mdsens.equilibrium",
-    "energy_sensitivity": "mdsens.equilibrium",
-    "equilibrium": "mdsens.equilibrium",
-    "equilibrium_jvp": "mdsens.equilibrium",
-    "equilibrium_vjp": "mdsens.equilibrium",
-    "equilibrium_with_info": "mdsens.equilibrium",
-    "hessian_diagonal": "mdsens.equilibrium",
-    "custom_fixed_point": "mdsens.implicit",
-    "custom_root": "mdsens.implicit",
-    "root_jvp": "mdsens.implicit",
-    "root_vjp": "mdsens.implicit",
-    "SolveInfo": "mdsens.linear_solve",
-    "RelaxResult": "mdsens.relaxation",
-    "max_force": "mdsens.relaxation",
-    "relax": "mdsens.relaxation",
-    "unrolled_relax": "mdsens.relaxation",
-    "ZeroModes": "mdsens.zero_modes",
-}
-_SUBMODULES = (
-    "systems",
-    "observables",
-    "neighbors",
-    "jamming",
-    "study",
-    "linear_solve",
-    "zero_modes",
-    "plotting",
-    "demo",
-)
-
-__all__ = sorted(_EXPORTS)
-
-if TYPE_CHECKING:
-    from mdsens.equilibrium import (
-        EquilibriumInfo,
-        energy_sensitivity,
-        equilibrium,
-        equilibrium_jvp,
-        equilibrium_vjp,
-        equilibrium_with_info,
-        hessian_diagonal,
-    )
-    from mdsens.implicit import custom_fixed_point, custom_root, root_jvp, root_vjp
-    from mdsens.linear_solve import SolveInfo
-    from mdsens.relaxation import RelaxResult, max_force, relax, unrolled_relax
-    from mdsens.zero_modes import ZeroModes
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        # The import system binds every imported submodule as an attribute of
-        # its package: without this, importing the module mdsens.equilibrium
-        # (as other modules do) would shadow the function mdsens.equilibrium.
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"mdsens.{name}")
-    raise AttributeError(f"module 'mdsens' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+try:
+    __version__ = version("mdsens")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"

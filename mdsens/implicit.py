@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mdsens import linear_solve
-from mdsens.linear_solve import SolveInfo, Solver
+from mdsens._results import Status
+from mdsens.linear_solve import CG, LinearSolver, SolveInfo
 from mdsens.zero_modes import ZeroModes
 
 Array = jax.Array
@@ -67,7 +67,7 @@ def root_jvp(
     params: Any,
     params_tangent: Any,
     *,
-    solve: Solver | None = None,
+    solve: LinearSolver | None = None,
     symmetric: bool = True,
     zero_modes: ZeroModes | None = None,
 ) -> tuple[Any, SolveInfo]:
@@ -76,7 +76,7 @@ def root_jvp(
     Returns ``(solution_tangent, info)``; differentiable again (by JAX's rules
     for ``custom_linear_solve``).
     """
-    solve = linear_solve.cg() if solve is None else solve
+    solve = CG() if solve is None else solve
     project = _projector(zero_modes)
     x_flat, unravel, f_of_x, f_of_params = _linearise(optimality_fn, solution, params)
     matvec = lambda v: jax.jvp(f_of_x, (x_flat,), (v,))[1]  # noqa: E731
@@ -94,13 +94,13 @@ def root_vjp(
     params: Any,
     cotangent: Any,
     *,
-    solve: Solver | None = None,
+    solve: LinearSolver | None = None,
     symmetric: bool = True,
     zero_modes: ZeroModes | None = None,
 ) -> tuple[Any, SolveInfo]:
     """Cotangent of the parameters: solve ``A^T u = P g`` (``P`` removes zero
     modes), then ``theta_bar = -d_2F^T u``. Returns ``(params_cotangent, info)``."""
-    solve = linear_solve.cg() if solve is None else solve
+    solve = CG() if solve is None else solve
     project = _projector(zero_modes)
     x_flat, _, f_of_x, f_of_params = _linearise(optimality_fn, solution, params)
     g = ravel_pytree(cotangent)[0]
@@ -129,16 +129,10 @@ def _raise_if_failed(converged, negative_curvature, residual, iterations) -> Non
     if np.all(converged):
         return
     if np.any(negative):
-        raise FloatingPointError(
-            "mdsens: the linear solve met negative curvature: the Hessian is not "
-            "positive semi-definite, so the relaxed state is a saddle, not a minimum "
-            "(relax to a tighter fmax, or use solver='minres' to differentiate a "
-            "saddle on purpose)."
-        )
+        raise FloatingPointError(f"mdsens: {Status.negative_curvature.message}.")
     raise FloatingPointError(
-        "mdsens: the linear solve for the derivative did not converge (relative "
-        f"residual {np.max(residual):.3g} after {np.max(iterations)} iterations). "
-        "Raise max_iter, loosen rtol, or check for undeclared zero modes."
+        f"mdsens: {Status.not_converged.message} (relative residual "
+        f"{np.max(residual):.3g} after {np.max(iterations)} iterations)."
     )
 
 
@@ -176,7 +170,7 @@ def batched_callback(callback: Callable[..., None], reductions: tuple[Callable[.
 _REPORT_REDUCTIONS = (jnp.all, jnp.any, jnp.max, jnp.max)
 
 
-def enforce(solve: Solver, throw: bool) -> Solver:
+def enforce(solve: LinearSolver, throw: bool) -> Callable[..., tuple[Array, SolveInfo]]:
     """Wrap a solver with the failure policy used inside derivatives: when a
     solve fails, raise (``throw=True``) or return NaN and warn (``throw=False``).
     The check runs where the solve runs, so it applies in forward mode, in
@@ -196,7 +190,7 @@ def enforce(solve: Solver, throw: bool) -> Solver:
 def custom_root(
     optimality_fn: OptimalityFn,
     *,
-    solve: Solver | None = None,
+    solve: LinearSolver | None = None,
     symmetric: bool = True,
     zero_modes: ZeroModesFn | None = None,
     throw: bool = True,
@@ -207,15 +201,15 @@ def custom_root(
 
     The decorated function has the same signature; ``init`` gets a zero
     derivative. Forward, reverse and higher-order derivatives all go through
-    linear solves with ``solve`` (default :func:`mdsens.linear_solve.cg`;
+    linear solves with ``solve`` (default :class:`mdsens.CG`;
     ``symmetric=False`` for an optimality function whose Jacobian is not
-    symmetric, with e.g. ``bicgstab``). ``zero_modes(x*, params)`` returns the
+    symmetric, with e.g. :class:`mdsens.BiCGSTAB`). ``zero_modes(x*, params)`` returns the
     null space to project out, or None. A failed solve raises
     ``FloatingPointError`` at run time (``throw=True``) or gives NaN and a
     ``RuntimeWarning`` (``throw=False``). With ``has_aux``, the solver returns
     ``(x*, aux)`` and ``aux`` (e.g. diagnostics) gets a zero derivative.
     """
-    checked_solve = enforce(linear_solve.cg() if solve is None else solve, throw)
+    checked_solve = enforce(CG() if solve is None else solve, throw)
 
     def decorator(solver):
         @jax.custom_jvp
@@ -253,8 +247,8 @@ def custom_fixed_point(
     """:func:`custom_root` for solvers of ``x = T(x, params)``: the optimality
     function is ``T(x, params) - x``. Its Jacobian ``dT/dx - I`` is not symmetric
     in general: pass ``symmetric=False`` and a non-symmetric solver such as
-    :func:`mdsens.linear_solve.bicgstab`. (For a gradient step ``T = x - eta grad E``
-    it is symmetric negative semi-definite: ``symmetric=True`` with ``minres``.)"""
+    :class:`mdsens.BiCGSTAB`. (For a gradient step ``T = x - eta grad E``
+    it is symmetric negative semi-definite: ``symmetric=True`` with :class:`mdsens.MINRES`.)"""
 
     def optimality_fn(x, params):
         return jax.tree_util.tree_map(jnp.subtract, fixed_point_fn(x, params), x)

@@ -1,32 +1,35 @@
 """Matrix-free linear solvers that report how well they solved.
 
-A solver here is a callable ``solve(matvec, b) -> (x, SolveInfo)`` on flat
-float64 vectors. Build one with :func:`cg`, :func:`minres`, :func:`bicgstab`
-or :func:`dense`. Each reports the true relative residual
+A solver is a value (:class:`CG`, :class:`MINRES`, :class:`BiCGSTAB`,
+:class:`Dense`) and a callable ``solver(matvec, b, project) -> (x, SolveInfo)``
+on flat float64 vectors. Each reports the true relative residual
 ``|b - A x| / |b|`` (one extra matrix-vector product, not the recurrence's
-estimate), the iteration count, whether the tolerance was met, and, for CG,
+estimate), the iteration count, whether the tolerance was met and, for CG,
 whether it met negative curvature (``p^T A p <= 0``: the matrix is not
 positive definite, e.g. the "minimum" is a saddle).
 
-Solvers take an optional ``project`` (an orthogonal projector onto the
-complement of the null space of ``A``, see :mod:`mdsens.zero_modes`), applied
-to the right-hand side, to every product and to the result. For a symmetric
-positive semi-definite ``A`` whose null space it removes, the result is the
-minimum-norm solution ``A^+ b``.
+``project`` is an orthogonal projector onto the complement of the null space
+of ``A`` (see :mod:`mdsens.zero_modes`), applied to the right-hand side, to
+every product and to the result. For a symmetric positive semi-definite ``A``
+whose null space it removes, the result is the minimum-norm solution
+``A^+ b``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from mdsens._results import Status
+from mdsens._values import count, nonnegative_float, option, positive_float, set_field
+
 Array = jax.Array
 MatVec = Callable[[Array], Array]
 Projector = Callable[[Array], Array]
-Solver = Callable[..., tuple[Array, "SolveInfo"]]
 
 
 @jax.tree_util.register_dataclass
@@ -46,6 +49,25 @@ class SolveInfo:
     converged: Array
     negative_curvature: Array
 
+    @property
+    def status(self) -> Array:
+        """A :class:`mdsens.Status` code: converged, negative_curvature,
+        nonfinite or not_converged."""
+        return jnp.where(
+            self.converged,
+            Status.converged,
+            jnp.where(
+                self.negative_curvature,
+                Status.negative_curvature,
+                jnp.where(jnp.isfinite(self.residual), Status.not_converged, Status.nonfinite),
+            ),
+        ).astype(jnp.int32)
+
+    @property
+    def reason(self) -> Any:
+        """The name of :attr:`status` (a numpy array of names for a batch)."""
+        return Status.names(self.status)
+
 
 def _identity(v: Array) -> Array:
     return v
@@ -61,11 +83,7 @@ def _finish(matvec, b, x, iterations, negative_curvature, rtol, atol) -> tuple[A
     residual = _safe_div(r_norm, b_norm)
     converged = ((r_norm <= rtol * b_norm) | (r_norm <= atol)) & jnp.all(jnp.isfinite(x))
     converged = converged & ~negative_curvature
-    return x, SolveInfo(residual, jnp.asarray(iterations, jnp.int32), converged, negative_curvature)
-
-
-def _max_iter(max_iter: int | None, b: Array) -> int:
-    return 10 * b.size if max_iter is None else max_iter
+    return x, SolveInfo(residual, jnp.asarray(iterations, jnp.int32), converged, jnp.asarray(negative_curvature))
 
 
 def _project_rhs(project: Projector, b: Array) -> Array:
@@ -78,39 +96,72 @@ def _project_rhs(project: Projector, b: Array) -> Array:
     return jnp.where(jnp.linalg.norm(b) <= b.size * jnp.finfo(b.dtype).eps * b_norm, 0.0, b)
 
 
-def _setup(matvec, b, project, preconditioner, rtol, atol):
-    """The projected operator ``P A P``, the projected preconditioner, ``P b`` and
-    the absolute residual tolerance."""
-    A = lambda v: project(matvec(project(v)))  # noqa: E731
-    M = _identity if preconditioner is None else preconditioner(A)
-    b = _project_rhs(project, b)
-    return A, lambda r: project(M(r)), b, jnp.maximum(rtol * jnp.linalg.norm(b), atol)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class Jacobi:
+    """Jacobi preconditioner ``M = diag(A)^-1`` from a given diagonal, e.g. the
+    exact one of :meth:`mdsens.System.hessian_diagonal`. Entries that are not
+    positive (rattlers) are left unscaled. The diagonal may have the shape of
+    the positions; the solvers work on flat vectors. It holds an array, so it
+    compares and hashes by identity: build it once per state."""
+
+    diagonal: Any
+
+    def __call__(self, r: Array) -> Array:
+        diagonal = jnp.ravel(self.diagonal)
+        inverse = jnp.where(diagonal > 0, 1.0 / jnp.where(diagonal > 0, diagonal, 1.0), 1.0)
+        return inverse * r
 
 
-def cg(
-    rtol: float = 1e-10,
-    atol: float = 0.0,
-    max_iter: int | None = None,
-    preconditioner: Callable[[Array], MatVec] | None = None,
-) -> Solver:
-    """Conjugate gradients for symmetric positive (semi-)definite ``A``.
+class _Iterative:
+    """Shared fields and checks of the Krylov solvers."""
 
-    Args:
-        rtol, atol: stop when ``|r| <= max(rtol |b|, atol)``.
-        max_iter: most iterations (default ``10 * len(b)``).
-        preconditioner: ``preconditioner(matvec) -> M`` returning a symmetric
-            positive definite approximation ``M ~ A^-1`` as a function, e.g.
-            :func:`jacobi`.
-    """
+    rtol: float
+    atol: float
+    max_iter: int | None
+    preconditioner: Jacobi | None
 
-    def solve(matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
-        A, precondition, b, tol = _setup(matvec, b, project, preconditioner, rtol, atol)
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        set_field(self, "rtol", positive_float(self.rtol, "rtol", owner))
+        set_field(self, "atol", nonnegative_float(self.atol, "atol", owner))
+        if self.max_iter is not None:
+            set_field(self, "max_iter", count(self.max_iter, "max_iter", owner))
+        if self.preconditioner is not None and not isinstance(self.preconditioner, Jacobi):
+            raise ValueError(f"{owner}: preconditioner must be None or a Jacobi; got {self.preconditioner!r}.")
+
+    def _iterations(self, b: Array) -> int | Array:
+        return 10 * b.size if self.max_iter is None else self.max_iter
+
+    def _setup(self, matvec: MatVec, b: Array, project: Projector):
+        """The projected operator ``P A P``, the projected preconditioner, ``P b``
+        and the absolute residual tolerance."""
+        A = lambda v: project(matvec(project(v)))  # noqa: E731
+        M = _identity if self.preconditioner is None else self.preconditioner
+        b = _project_rhs(project, b)
+        return A, lambda r: project(M(r)), b, jnp.maximum(self.rtol * jnp.linalg.norm(b), self.atol)
+
+
+@option()
+class CG(_Iterative):
+    """Conjugate gradients for symmetric positive (semi-)definite ``A``: stop
+    when ``|r| <= max(rtol |b|, atol)`` or after ``max_iter`` iterations
+    (default ``10 * len(b)``); optionally preconditioned."""
+
+    rtol: float = 1e-10
+    atol: float = 0.0
+    max_iter: int | None = None
+    preconditioner: Jacobi | None = None
+
+    def __call__(self, matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
+        A, precondition, b, tol = self._setup(matvec, b, project)
         z = precondition(b)
         init = (jnp.zeros_like(b), b, z, jnp.vdot(b, z), 0, False)
+        max_iter = self._iterations(b)
 
         def keep_going(state):
             _, r, _, _, k, negative = state
-            return (jnp.linalg.norm(r) > tol) & (k < _max_iter(max_iter, b)) & ~negative
+            return (jnp.linalg.norm(r) > tol) & (k < max_iter) & ~negative
 
         def step(state):
             x, r, p, rz, k, _ = state
@@ -126,32 +177,32 @@ def cg(
             return x, r, p, rz_new, k + 1, negative
 
         x, _, _, _, k, negative = jax.lax.while_loop(keep_going, step, init)
-        return _finish(A, b, project(x), k, negative, rtol, atol)
-
-    return solve
+        return _finish(A, b, project(x), k, negative, self.rtol, self.atol)
 
 
-def minres(
-    rtol: float = 1e-10,
-    atol: float = 0.0,
-    max_iter: int | None = None,
-    preconditioner: Callable[[Array], MatVec] | None = None,
-) -> Solver:
+@option()
+class MINRES(_Iterative):
     """MINRES (Paige and Saunders 1975) for symmetric, possibly indefinite ``A``.
     The preconditioner, if any, must be symmetric positive definite."""
 
-    def solve(matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
-        A, precondition, b, tol = _setup(matvec, b, project, preconditioner, rtol, atol)
+    rtol: float = 1e-10
+    atol: float = 0.0
+    max_iter: int | None = None
+    preconditioner: Jacobi | None = None
+
+    def __call__(self, matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
+        A, precondition, b, tol = self._setup(matvec, b, project)
         y = precondition(b)
         beta1 = jnp.sqrt(jnp.maximum(jnp.vdot(b, y), 0.0))
         zeros = jnp.zeros_like(b)
+        zero = 0.0 * beta1
         # (x, r1, r2, y, w, w2, beta, old_beta, dbar, epsilon, phibar, cs, sn, k)
-        init = (zeros, b, b, y, zeros, zeros, beta1, jnp.zeros_like(beta1), 0.0 * beta1,
-                0.0 * beta1, beta1, -1.0 + 0.0 * beta1, 0.0 * beta1, 0)
+        init = (zeros, b, b, y, zeros, zeros, beta1, zero, zero, zero, beta1, zero - 1.0, zero, 0)
+        max_iter = self._iterations(b)
 
         def keep_going(s):
             # phibar estimates the preconditioned residual norm; the true one is checked at the end.
-            return (s[10] > tol * _safe_div(beta1, jnp.linalg.norm(b))) & (s[13] < _max_iter(max_iter, b)) & (s[6] > 0)
+            return (s[10] > tol * _safe_div(beta1, jnp.linalg.norm(b))) & (s[13] < max_iter) & (s[6] > 0)
 
         def step(s):
             x, r1, r2, y, w, w2, beta, old_beta, dbar, epsilon, phibar, cs, sn, k = s
@@ -178,28 +229,28 @@ def minres(
             return x, r1, r2, y, w, w2, beta, old_beta, dbar, epsilon, phibar, cs, sn, k + 1
 
         state = jax.lax.while_loop(keep_going, step, init)
-        return _finish(A, b, project(state[0]), state[13], False, rtol, atol)
-
-    return solve
+        return _finish(A, b, project(state[0]), state[13], False, self.rtol, self.atol)
 
 
-def bicgstab(
-    rtol: float = 1e-10,
-    atol: float = 0.0,
-    max_iter: int | None = None,
-    preconditioner: Callable[[Array], MatVec] | None = None,
-) -> Solver:
+@option()
+class BiCGSTAB(_Iterative):
     """BiCGSTAB (van der Vorst 1992) for non-symmetric ``A``, e.g. optimality
     conditions that are not the gradient of an energy."""
 
-    def solve(matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
-        A, precondition, b, tol = _setup(matvec, b, project, preconditioner, rtol, atol)
+    rtol: float = 1e-10
+    atol: float = 0.0
+    max_iter: int | None = None
+    preconditioner: Jacobi | None = None
+
+    def __call__(self, matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
+        A, precondition, b, tol = self._setup(matvec, b, project)
         zeros = jnp.zeros_like(b)
         one = jnp.ones((), b.dtype)
         init = (zeros, b, zeros, zeros, one, one, one, 0)
+        max_iter = self._iterations(b)
 
         def keep_going(s):
-            return (jnp.linalg.norm(s[1]) > tol) & (s[7] < _max_iter(max_iter, b))
+            return (jnp.linalg.norm(s[1]) > tol) & (s[7] < max_iter)
 
         def step(s):
             x, r, p, v, rho, alpha, omega, k = s
@@ -218,31 +269,32 @@ def bicgstab(
             return x, r, p, v, rho_new, alpha, omega, k + 1
 
         state = jax.lax.while_loop(keep_going, step, init)
-        return _finish(A, b, project(state[0]), state[7], False, rtol, atol)
-
-    return solve
+        return _finish(A, b, project(state[0]), state[7], False, self.rtol, self.atol)
 
 
-def dense(rcond: float = 1e-10, rtol: float = 1e-8, atol: float = 0.0) -> Solver:
+@option()
+class Dense:
     """Dense pseudo-inverse: builds ``A`` column by column (``n`` products, ``n^2``
     memory) and applies ``pinv(A, rcond)``. For small systems and references;
     ``rtol``/``atol`` only decide the ``converged`` flag."""
 
-    def solve(matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
+    rcond: float = 1e-10
+    rtol: float = 1e-8
+    atol: float = 0.0
+
+    def __post_init__(self) -> None:
+        set_field(self, "rcond", positive_float(self.rcond, "rcond", "Dense"))
+        set_field(self, "rtol", positive_float(self.rtol, "rtol", "Dense"))
+        set_field(self, "atol", nonnegative_float(self.atol, "atol", "Dense"))
+
+    def __call__(self, matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
         A = lambda v: project(matvec(project(v)))  # noqa: E731
         b = _project_rhs(project, b)
         matrix = jax.vmap(A, out_axes=1)(jnp.eye(b.size, dtype=b.dtype))
-        x = project(jnp.linalg.pinv(matrix, rtol=rcond, hermitian=False) @ b)
-        return _finish(A, b, x, 0, False, rtol, atol)
-
-    return solve
+        x = project(jnp.linalg.pinv(matrix, rtol=self.rcond, hermitian=False) @ b)
+        return _finish(A, b, x, 0, False, self.rtol, self.atol)
 
 
-def jacobi(diagonal: Array) -> Callable[[MatVec], MatVec]:
-    """Jacobi preconditioner ``M = diag(A)^-1`` from a given diagonal (entries that
-    are not positive, e.g. of rattlers, are left unscaled). The diagonal may have
-    the shape of the positions, as :func:`mdsens.hessian_diagonal` returns it; the
-    solvers work on flat vectors."""
-    diagonal = jnp.ravel(diagonal)
-    inverse = jnp.where(diagonal > 0, 1.0 / jnp.where(diagonal > 0, diagonal, 1.0), 1.0)
-    return lambda matvec: (lambda r: inverse * r)
+#: What derivative methods accept as ``solver``.
+LinearSolver = CG | MINRES | BiCGSTAB | Dense
+SOLVERS = (CG, MINRES, BiCGSTAB, Dense)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,33 @@ def detect(hvp: Callable[[Array], Array], positions: Array, rtol: float = 1e-6) 
     norms = jnp.linalg.norm(candidates.reshape(candidates.shape[0], -1), axis=1)
     keep = (residuals <= rtol * scale * norms) & (norms > 0)
     return ZeroModes(mask, _orthonormalise(candidates, keep))
+
+
+def hvp_of(energy_fn: Callable[[Array, Any], Array], positions: Array, params: Any) -> Callable[[Array], Array]:
+    """``v -> H v``, the Hessian of ``energy_fn`` at ``positions`` applied
+    matrix-free (forward over reverse)."""
+    gradient = jax.grad(energy_fn)
+    return lambda v: jax.jvp(lambda x: gradient(x, params), (positions,), (v,))[1]
+
+
+#: What derivative methods accept as ``zero_modes``: ``"auto"``, None, or a
+#: callable ``(positions, params) -> ZeroModes`` (hashable, unlike arrays).
+ZeroModesSpec = Any
+
+
+def check_spec(zero_modes: ZeroModesSpec, owner: str) -> None:
+    if isinstance(zero_modes, ZeroModes) or not (zero_modes in ("auto", None) or callable(zero_modes)):
+        raise ValueError(
+            f"{owner}: zero_modes must be 'auto', None, or a callable (positions, params) -> "
+            f"ZeroModes (for fixed modes: lambda x, p: modes); got {zero_modes!r}."
+        )
+
+
+def modes_at(zero_modes: ZeroModesSpec, energy_fn: Callable[[Array, Any], Array], positions: Array, params: Any) -> ZeroModes:
+    """The zero modes at an equilibrium as ``zero_modes`` specifies them:
+    detected (``"auto"``), none, or computed by a callable."""
+    if isinstance(zero_modes, str):
+        return detect(hvp_of(energy_fn, positions, params), positions)
+    if zero_modes is None:
+        return none(positions)
+    return zero_modes(positions, params)

@@ -1,6 +1,6 @@
-"""Particle systems: energies built from jax-md pair potentials.
+"""Builders of particle systems from jax-md pair potentials.
 
-Every builder returns a :class:`System`. Its ``energy_fn(positions, params)``
+Every builder returns a :class:`~mdsens.System`. Its ``energy(positions, params)``
 takes the parameters at call time, so any leaf of ``params`` can be
 differentiated. Pair parameters are stored per species (vectors of diameters,
 ``S x S`` matrices of sigma and epsilon) and expanded to the pairs inside the
@@ -10,7 +10,7 @@ Periodic systems of more than :data:`mdsens.neighbors.NEIGHBOR_LIST_THRESHOLD`
 (2000) particles, or any periodic system built with ``neighbor_list=True``,
 sum their pairs over a neighbor list
 (:class:`mdsens.neighbors.NeighborListEnergy`: O(N) time and memory, still
-called as ``energy_fn(positions, params)``; interaction range: the largest
+called as ``energy(positions, params)``; interaction range: the largest
 diameter of soft spheres, the cutoff of the other potentials; skin: a quarter
 of the range). The others, and every system built with ``neighbor_list=False``,
 are all-pairs sums with ``N x N`` pair matrices, O(N^2) in time and memory.
@@ -19,7 +19,6 @@ Both give the same energy and derivatives. Free clusters are always all pairs.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,60 +30,21 @@ from jax_md import energy as jmd_energy
 from jax_md import smap, space
 
 from mdsens import neighbors as nl
-from mdsens._checks import (
-    as_float64,
-    check_finite,
-    check_params,
-    check_positive,
-    require_x64,
+from mdsens._checks import as_float64, check_finite, check_params, check_positive, require_x64
+from mdsens.systems.energy import FunctionEnergy
+from mdsens.systems.pair_potentials import lennard_jones_pair, morse_pair, smooth_cutoff, without_self_pairs
+from mdsens.systems.space import (
+    check_min_image,
+    jittered_lattice,
+    periodic_space,
+    random_positions,
+    species_array,
+    species_counts,
 )
+from mdsens.systems.system import System
 
 Array = jax.Array
 Params = dict[str, Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class System:
-    """A particle system: an energy with its parameters, space and a random start.
-
-    Attributes:
-        energy_fn: ``energy_fn(positions, params) -> scalar`` total energy (a
-            :class:`mdsens.neighbors.NeighborListEnergy` for neighbor-list systems).
-        params: dict of float64 arrays, the differentiable parameters.
-        shift_fn: jax-md shift, ``shift_fn(positions, displacement) -> positions``.
-            It does not wrap positions into the box: energies are periodic, and
-            the box is a parameter that can change at call time.
-        displacement_fn: jax-md displacement between two particles.
-        box: the periodic box as a ``(dim, dim)`` matrix whose columns are the box
-            vectors (diagonal here: a cube), the value of ``params["box"]``; None
-            in free space.
-        positions: a random starting configuration, shape ``(N, dim)``.
-        species: integer species of each particle, shape ``(N,)``.
-        dt_max: largest stable FIRE time step for this potential (pass it to
-            :func:`mdsens.relax`).
-    """
-
-    energy_fn: Callable[[Array, Params], Array]
-    params: Params
-    shift_fn: Callable[..., Array]
-    displacement_fn: Callable[..., Array]
-    box: Array | None
-    positions: Array
-    species: Array
-    dt_max: float
-
-    @property
-    def n(self) -> int:
-        return self.positions.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.positions.shape[1]
-
-    @property
-    def neighbor_list(self) -> bool:
-        """Whether the energy sums over a neighbor list."""
-        return isinstance(self.energy_fn, nl.NeighborListEnergy)
 
 
 def _check_size(n: int, dim: int) -> None:
@@ -92,35 +52,6 @@ def _check_size(n: int, dim: int) -> None:
         raise ValueError(f"n must be an integer >= 2; got {n!r}.")
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3; got {dim!r}.")
-
-
-def _species_counts(n: int, fractions: Sequence[float]) -> np.ndarray:
-    """Split n particles by fractions, rounding so the counts add up to n."""
-    fractions = np.asarray(fractions, dtype=np.float64)
-    if fractions.ndim != 1 or np.any(~np.isfinite(fractions)) or np.any(fractions < 0):
-        raise ValueError(f"fractions must be finite and non-negative; got {fractions}.")
-    if not np.isclose(fractions.sum(), 1.0):
-        raise ValueError(f"fractions must add up to 1; got sum {fractions.sum()}.")
-    counts = np.floor(fractions * n).astype(int)
-    # Hand the remaining particles to the largest remainders.
-    order = np.argsort(-(fractions * n - counts), kind="stable")
-    counts[order[: n - counts.sum()]] += 1
-    return counts
-
-
-def _species_array(counts: np.ndarray) -> Array:
-    return jnp.asarray(np.repeat(np.arange(len(counts)), counts), dtype=jnp.int32)
-
-
-def _check_min_image(box_side: float, cutoff: float, density_name: str = "density") -> None:
-    # Relative slack: a side of exactly twice the range is valid, but the root that
-    # sizes the box rounds (kob_andersen(150): 125 ** (1/3) = 4.999999999999999).
-    if box_side < 2.0 * cutoff * (1.0 - 1e-12):
-        raise ValueError(
-            f"the periodic box (side {box_side:.4g}) is smaller than twice the "
-            f"interaction range ({cutoff:.4g}), so the minimum-image convention "
-            f"breaks: use more particles or a lower {density_name}."
-        )
 
 
 def _pair_matrix(species_matrix: Array, species: Array) -> Array:
@@ -142,47 +73,6 @@ def _species_matrix(values: Any, n_species: int, name: str) -> Array:
     if not np.allclose(values, values.T):
         raise ValueError(f"{name} must be symmetric.")
     return values
-
-
-def _periodic_space(side: float, dim: int):
-    """A cubic periodic box whose matrix is read at call time from the ``box``
-    keyword (``params["box"]``), so the box is a differentiable parameter that
-    can also change between calls (packing-fraction sweeps, strain). Positions
-    stay in real coordinates and are not wrapped.
-
-    Not ``jax_md.space.periodic_general``: its ``transform`` has a custom JVP
-    that passes tangents through unscaled, which is right to first order but
-    gives wrong second derivatives of x* (the implicit derivative of the
-    Hessian). This is the plain minimum-image displacement, exact at every order.
-    """
-    default_box = jnp.eye(dim, dtype=jnp.float64) * side
-
-    def displacement_fn(ra: Array, rb: Array, box: Array = default_box, **unused: Any) -> Array:
-        fractional = jnp.linalg.inv(box) @ (ra - rb)
-        return box @ (fractional - jnp.round(fractional))
-
-    _, shift_fn = space.free()
-    return default_box, displacement_fn, shift_fn
-
-
-def _random_positions(key: Array, n: int, box: Array) -> Array:
-    return jax.random.uniform(key, (n, box.shape[0]), dtype=jnp.float64) @ box.T
-
-
-def _jittered_lattice(key: Array, n: int, dim: int, spacing: float, jitter: float) -> Array:
-    """n random sites of a simple cubic (square) lattice with the given spacing,
-    randomly displaced by up to ``jitter`` times the spacing: a start with no overlaps."""
-    per_side = math.ceil(n ** (1.0 / dim) - 1e-9)
-    grid = np.stack(
-        np.meshgrid(*[np.arange(per_side)] * dim, indexing="ij"), axis=-1
-    ).reshape(-1, dim)
-    key_pick, key_jitter = jax.random.split(key)
-    picked = jax.random.permutation(key_pick, grid.shape[0])[:n]
-    lattice = (jnp.asarray(grid, dtype=jnp.float64)[picked] + 0.5) * spacing
-    noise = jax.random.uniform(
-        key_jitter, (n, dim), dtype=jnp.float64, minval=-jitter, maxval=jitter
-    )
-    return lattice + noise * spacing
 
 
 def soft_sphere_packing(
@@ -230,14 +120,14 @@ def soft_sphere_packing(
         )
     if not phi > 0:
         raise ValueError(f"phi must be positive; got {phi}.")
-    counts = _species_counts(n, fractions)
-    species = _species_array(counts)
+    counts = species_counts(n, fractions)
+    species = species_array(counts)
     unit_volume = math.pi / 4.0 if dim == 2 else math.pi / 6.0
     particle_volume = float(np.sum(counts * unit_volume * diameters**dim))
     side = (particle_volume / phi) ** (1.0 / dim)
-    _check_min_image(side, float(diameters.max()), "phi")
+    check_min_image(side, float(diameters.max()), "phi")
 
-    box, displacement_fn, shift_fn = _periodic_space(side, dim)
+    box, displacement_fn = periodic_space(side, dim)
     pair_energy = smap.pair(jmd_energy.soft_sphere, space.metric(displacement_fn))
 
     def energy_fn(positions: Array, params: Params) -> Array:
@@ -257,10 +147,13 @@ def soft_sphere_packing(
             "box": box,
         }
     )
-    positions = _random_positions(jax.random.PRNGKey(seed), n, box)
-    if nl.use_neighbor_list(n, neighbor_list):
-        energy_fn = _soft_sphere_neighbor_energy(species, positions, params)
-    return System(energy_fn, params, shift_fn, displacement_fn, box, positions, species, dt_max=0.4)
+    positions = random_positions(jax.random.PRNGKey(seed), n, box)
+    energy = (
+        _soft_sphere_neighbor_energy(species, positions, params)
+        if nl.use_neighbor_list(n, neighbor_list)
+        else FunctionEnergy(energy_fn)
+    )
+    return System(energy, params, positions, box, species, dt_max=0.4)
 
 
 def _soft_sphere_neighbor_energy(species: Array, positions: Array, params: Params) -> nl.NeighborListEnergy:
@@ -277,45 +170,9 @@ def _soft_sphere_neighbor_energy(species: Array, positions: Array, params: Param
     def pair_energy(r: Array, pp: Params) -> Array:
         return jmd_energy.soft_sphere(r, pp["sigma"], pp["epsilon"], pp["alpha"])
 
-    return nl.NeighborListEnergy.build(
+    return nl.NeighborListEnergy.create(
         pair_energy, pair_params, lambda p: jnp.max(p["diameters"]), positions, params
     )
-
-
-def _lennard_jones_pair(r: Array, sigma: Array, epsilon: Array, **unused: Any) -> Array:
-    return jmd_energy.lennard_jones(r, sigma, epsilon)
-
-
-def _morse_pair(r: Array, sigma: Array, epsilon: Array, alpha: Array, **unused: Any) -> Array:
-    return jmd_energy.morse(r, sigma, epsilon, alpha)
-
-
-def _smooth_cutoff(pair_fn: Callable[..., Array], r_onset: float, r_cutoff: float) -> Callable[..., Array]:
-    """``pair_fn`` times HOOMD-blue's C^1 switching function, 1 below ``r_onset`` and 0
-    above ``r_cutoff``, in float64. jax-md's ``multiplicative_isotropic_cutoff`` squares
-    the radii in float32: when the square of the cutoff is not a float32 (2.2**2), its
-    switch does not reach 0 at ``r_cutoff`` and the pair force jumps there."""
-    r_o2, r_c2 = r_onset**2, r_cutoff**2
-
-    def cut_fn(r: Array, *args: Any, **kwargs: Any) -> Array:
-        r2 = r**2
-        switch = (r_c2 - r2) ** 2 * (r_c2 + 2 * r2 - 3 * r_o2) / (r_c2 - r_o2) ** 3
-        switch = jnp.where(r < r_onset, 1.0, jnp.where(r < r_cutoff, switch, 0.0))
-        return switch * pair_fn(r, *args, **kwargs)
-
-    return cut_fn
-
-
-def _without_self_pairs(pair_fn: Callable[..., Array]) -> Callable[..., Array]:
-    """``pair_fn`` that is 0 at ``r = 0``. ``smap.pair`` evaluates every ``i == j``
-    pair at ``r = 0`` and masks the result afterwards, which leaves NaN in the
-    derivative with respect to sigma and epsilon (``(sigma/r)^12`` at ``r = 0``)."""
-
-    def safe_fn(r: Array, *args: Any, **kwargs: Any) -> Array:
-        coincident = r == 0
-        return jnp.where(coincident, 0.0, pair_fn(jnp.where(coincident, 1.0, r), *args, **kwargs))
-
-    return safe_fn
 
 
 def _pair_system(
@@ -340,9 +197,9 @@ def _pair_system(
     list (range: the cutoff) needs a periodic box and a cutoff."""
     require_x64("mdsens.systems")
     _check_size(n, dim)
-    counts = _species_counts(n, fractions)
+    counts = species_counts(n, fractions)
     n_species = len(counts)
-    species = _species_array(counts)
+    species = species_array(counts)
     sigma = _species_matrix(sigma, n_species, "sigma")
     epsilon = _species_matrix(epsilon, n_species, "epsilon")
     check_positive(sigma, "sigma")
@@ -354,19 +211,19 @@ def _pair_system(
 
     if cutoff is not None:
         r_cut = cutoff * sigma_max
-        pair_fn = _smooth_cutoff(pair_fn, 0.8 * r_cut, r_cut)
+        pair_fn = smooth_cutoff(pair_fn, 0.8 * r_cut, r_cut)
     if periodic:
-        _check_min_image(side, cutoff * sigma_max if cutoff is not None else math.inf)
-        box, displacement_fn, shift_fn = _periodic_space(side, dim)
+        check_min_image(side, cutoff * sigma_max if cutoff is not None else math.inf)
+        box, displacement_fn = periodic_space(side, dim)
         extra_params = {**extra_params, "box": box}
         # The lattice fills the box (somewhat compressed if n is not a perfect power).
         spacing = side / math.ceil(n ** (1.0 / dim) - 1e-9)
     else:
-        displacement_fn, shift_fn = space.free()
+        displacement_fn, _ = space.free()
         box = None
         # The pair minimum of Lennard-Jones, 2^(1/6) sigma: a start near equilibrium.
         spacing = 2.0 ** (1.0 / 6.0) * sigma_max
-    pair_energy = smap.pair(_without_self_pairs(pair_fn), space.metric(displacement_fn))
+    pair_energy = smap.pair(without_self_pairs(pair_fn), space.metric(displacement_fn))
 
     def energy_fn(positions: Array, params: Params) -> Array:
         pair_params = {
@@ -378,14 +235,15 @@ def _pair_system(
     params = check_params({"sigma": sigma, "epsilon": epsilon, **extra_params})
     # A lattice, not random positions: random starts would overlap and the
     # r^-12 repulsion would blow up.
-    positions = _jittered_lattice(jax.random.PRNGKey(seed), n, dim, spacing, jitter=0.1)
+    positions = jittered_lattice(jax.random.PRNGKey(seed), n, dim, spacing, jitter=0.1)
+    energy: nl.NeighborListEnergy | FunctionEnergy = FunctionEnergy(energy_fn)
     if nl.use_neighbor_list(n, neighbor_list):
         if not (periodic and cutoff is not None):
             if neighbor_list:
                 raise ValueError("neighbor_list=True needs a periodic box and a finite cutoff.")
         else:
-            energy_fn = _pair_neighbor_energy(pair_fn, species, r_cut, positions, params)
-    return System(energy_fn, params, shift_fn, displacement_fn, box, positions, species, dt_max=dt_max)
+            energy = _pair_neighbor_energy(pair_fn, species, r_cut, positions, params)
+    return System(energy, params, positions, box, species, dt_max=dt_max)
 
 
 def _pair_neighbor_energy(
@@ -404,7 +262,7 @@ def _pair_neighbor_energy(
     def pair_energy(r: Array, pp: Params) -> Array:
         return pair_fn(r, **pp)
 
-    return nl.NeighborListEnergy.build(
+    return nl.NeighborListEnergy.create(
         pair_energy, pair_params, lambda p: jnp.asarray(r_cut, jnp.float64), positions, params
     )
 
@@ -430,7 +288,7 @@ def lennard_jones(
     """
     check_positive(cutoff, "cutoff")
     return _pair_system(
-        _lennard_jones_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {}, dt_max=0.05,
+        lennard_jones_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {}, dt_max=0.05,
         neighbor_list=neighbor_list,
     )
 
@@ -469,7 +327,7 @@ def morse(
     check_positive(cutoff, "cutoff")
     check_positive(alpha, "alpha")
     return _pair_system(
-        _morse_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {"alpha": alpha}, dt_max=0.05,
+        morse_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {"alpha": alpha}, dt_max=0.05,
         neighbor_list=neighbor_list,
     )
 
@@ -482,6 +340,6 @@ def lennard_jones_cluster(
     translations and rotations. Always all pairs: ``neighbor_list=True`` raises
     ``ValueError`` (a neighbor list needs a periodic box and a cutoff)."""
     return _pair_system(
-        _lennard_jones_pair, n, dim, 0.9, sigma, epsilon, (1.0,), None, seed, {}, dt_max=0.05,
+        lennard_jones_pair, n, dim, 0.9, sigma, epsilon, (1.0,), None, seed, {}, dt_max=0.05,
         periodic=False, neighbor_list=neighbor_list,
     )

@@ -1,0 +1,143 @@
+"""A :class:`System`: everything that belongs to the physics, in one value."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdsens._checks import as_float64, check_finite, check_params, check_positions, require_x64
+from mdsens._values import positive_float
+from mdsens.systems.energy import Energy, EnergyFn, FunctionEnergy, as_energy
+
+Array = jax.Array
+
+#: ``dt_max`` of :meth:`System.from_energy` when none is given: small enough for
+#: stiff potentials in reduced units (FIRE then grows its step up to it).
+DEFAULT_DT_MAX = 0.05
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class System:
+    """A particle system: its energy, parameters, space, species and a start.
+
+    Pass it whole to :func:`mdsens.relax`, :func:`mdsens.equilibrium` and the
+    observables; nothing that belongs to the system travels separately.
+
+    Attributes:
+        energy: ``energy(positions, params) -> scalar``, an
+            :class:`~mdsens.systems.Energy` (a plain function wrapped in
+            :class:`~mdsens.systems.FunctionEnergy`, or a neighbor-list energy).
+        params: pytree of float64 arrays, the differentiable parameters. Calls
+            that take other ``params`` require the same structure and shapes.
+        positions: a starting configuration, float64, shape ``(N, dim)``.
+            Positions are never wrapped into the box.
+        box: the periodic box as a ``(dim, dim)`` matrix whose columns are the
+            box vectors (``params["box"]`` for the builders' systems, read at
+            call time), or None in free space.
+        species: integer species of each particle, shape ``(N,)``.
+        dt_max: the largest stable FIRE time step of this potential; minimisers
+            without a ``dt_max`` of their own take it.
+    """
+
+    energy: Energy
+    params: Any
+    positions: Array
+    box: Array | None
+    species: Array
+    dt_max: float
+
+    @classmethod
+    def from_energy(
+        cls,
+        energy: Energy | EnergyFn,
+        params: Any,
+        positions: Any,
+        *,
+        box: Any = None,
+        species: Any = None,
+        dt_max: float = DEFAULT_DT_MAX,
+    ) -> System:
+        """A system from your own energy ``energy(positions, params) -> scalar``
+        (any JAX function, e.g. built with jax-md), its parameters (a pytree of
+        float arrays: every leaf is differentiable), a start ``(N, dim)``, the
+        periodic ``box`` matrix (None: free space; informational, the energy
+        handles periodicity), integer ``species`` (default all 0) and a stable
+        time step ``dt_max`` (default :data:`DEFAULT_DT_MAX`)."""
+        require_x64("System.from_energy")
+        positions = check_positions(positions)
+        params = check_params(params)
+        n, dim = positions.shape
+        if box is not None:
+            box = as_float64(box, "box")
+            if box.shape != (dim, dim):
+                raise ValueError(f"box must be a ({dim}, {dim}) matrix for {dim}D positions; got shape {box.shape}.")
+            check_finite(box, "box")
+        if species is None:
+            species = jnp.zeros(n, jnp.int32)
+        else:
+            species = np.asarray(species)
+            if species.shape != (n,) or not np.issubdtype(species.dtype, np.integer) or np.any(species < 0):
+                raise ValueError(f"species must be {n} non-negative integers, one per particle; got {species!r}.")
+            species = jnp.asarray(species, jnp.int32)
+        dt_max = positive_float(dt_max, "dt_max", "System.from_energy")
+        return cls(as_energy(energy), params, positions, box, species, dt_max)
+
+    @property
+    def n(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.positions.shape[1])
+
+    @property
+    def neighbor_list(self) -> bool:
+        """Whether the energy carries a neighbor list."""
+        return not isinstance(self.energy, FunctionEnergy)
+
+    def replace(self, **changes: Any) -> System:
+        """A copy with some fields changed (e.g. ``positions`` or ``params``)."""
+        return dataclasses.replace(self, **changes)
+
+    def check_params(self, params: Any, name: str = "params") -> Any:
+        """``params`` as float64 arrays, checked against the system's parameters:
+        the same pytree structure and, leaf by leaf, the same shape (a
+        ``ValueError`` names the leaf)."""
+        params = check_params(params, name)
+        leaves, structure = jax.tree_util.tree_flatten_with_path(params)
+        expected, expected_structure = jax.tree_util.tree_flatten_with_path(self.params)
+        if structure != expected_structure:
+            raise ValueError(
+                f"{name} must have the structure of the system's parameters "
+                f"{jax.tree_util.tree_structure(self.params)}; got {structure}."
+            )
+        for (path, leaf), (_, reference) in zip(leaves, expected):
+            if jnp.shape(leaf) != jnp.shape(reference):
+                raise ValueError(
+                    f"{name}{jax.tree_util.keystr(path)} must have shape {jnp.shape(reference)} "
+                    f"(as the system's); got {jnp.shape(leaf)}."
+                )
+        return params
+
+    def check_positions(self, positions: Any, name: str = "positions") -> Array:
+        """``positions`` as a finite float64 ``(N, dim)`` array of this system's shape."""
+        positions = check_positions(positions, name)
+        if positions.shape != self.positions.shape:
+            raise ValueError(f"{name} must have shape {self.positions.shape} (N, dim); got {positions.shape}.")
+        return positions
+
+    def inputs(self, positions: Any = None, params: Any = None) -> tuple[Array, Any]:
+        """Checked ``(positions, params)``, the system's own where None."""
+        positions = self.positions if positions is None else self.check_positions(positions)
+        params = self.params if params is None else self.check_params(params)
+        return positions, params
+
+    def hessian_diagonal(self, positions: Any = None, params: Any = None) -> Array:
+        """Exact diagonal of the Hessian at ``positions``, shape ``(N, dim)``
+        (for :class:`mdsens.linear_solve.Jacobi`); O(N) for neighbor lists."""
+        positions, params = self.inputs(positions, params)
+        return self.energy.hessian_diagonal(positions, params)
