@@ -22,6 +22,7 @@ class Status(enum.IntEnum):
     neighbor_overflow = 3
     not_converged = 4
     negative_curvature = 5
+    singular = 6
 
     @property
     def message(self) -> str:
@@ -51,5 +52,11 @@ _MESSAGES = {
         "the linear solve met negative curvature: the Hessian is not positive "
         "semi-definite, so the state is a saddle, not a minimum (relax to a tighter "
         "fmax, or use MINRES to differentiate a saddle on purpose)"
+    ),
+    Status.singular: (
+        "the linear solve met a direction in the numerical null space of the Hessian "
+        "that the zero modes do not cover (e.g. floppy modes of a packing below "
+        "jamming): CG cannot give the minimum-norm derivative there; use "
+        "Implicit(solver=Dense()) for small systems, or declare the zero modes"
     ),
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, dataclass_transform
 
 import jax
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 T = TypeVar("T")
 
 
+@dataclass_transform(frozen_default=True)
 def option(static: tuple[str, ...] = ()) -> Callable[[type[T]], type[T]]:
     """Class decorator: a frozen dataclass registered as a pytree whose fields
     named in ``static`` are hashable metadata and the others children."""

@@ -32,11 +32,13 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from mdsens._results import Status
-from mdsens.linear_solve import CG, LinearSolver, SolveInfo
+from mdsens.linear_solve import CG, SolveInfo
 from mdsens.zero_modes import ZeroModes
 
 Array = jax.Array
 OptimalityFn = Callable[[Any, Any], Any]
+# A solver value (mdsens.CG(), ...) or any callable (matvec, b, project) -> (x, SolveInfo).
+Solve = Callable[..., tuple[Array, SolveInfo]]
 # zero_modes(solution, params) -> ZeroModes | None
 ZeroModesFn = Callable[[Any, Any], ZeroModes | None]
 
@@ -67,7 +69,7 @@ def root_jvp(
     params: Any,
     params_tangent: Any,
     *,
-    solve: LinearSolver | None = None,
+    solve: Solve | None = None,
     symmetric: bool = True,
     zero_modes: ZeroModes | None = None,
 ) -> tuple[Any, SolveInfo]:
@@ -94,7 +96,7 @@ def root_vjp(
     params: Any,
     cotangent: Any,
     *,
-    solve: LinearSolver | None = None,
+    solve: Solve | None = None,
     symmetric: bool = True,
     zero_modes: ZeroModes | None = None,
 ) -> tuple[Any, SolveInfo]:
@@ -124,21 +126,22 @@ def _zero_tangent(x: Any) -> Any:
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-def _raise_if_failed(converged, negative_curvature, residual, iterations) -> None:
-    converged, negative = np.asarray(converged), np.asarray(negative_curvature)
-    if np.all(converged):
+def _raise_if_failed(converged, negative_curvature, singular, residual, iterations) -> None:
+    if np.all(np.asarray(converged)):
         return
-    if np.any(negative):
+    if np.any(np.asarray(negative_curvature)):
         raise FloatingPointError(f"mdsens: {Status.negative_curvature.message}.")
+    if np.any(np.asarray(singular)):
+        raise FloatingPointError(f"mdsens: {Status.singular.message}.")
     raise FloatingPointError(
         f"mdsens: {Status.not_converged.message} (relative residual "
         f"{np.max(residual):.3g} after {np.max(iterations)} iterations)."
     )
 
 
-def _warn_if_failed(converged, negative_curvature, residual, iterations) -> None:
+def _warn_if_failed(converged, negative_curvature, singular, residual, iterations) -> None:
     try:
-        _raise_if_failed(converged, negative_curvature, residual, iterations)
+        _raise_if_failed(converged, negative_curvature, singular, residual, iterations)
     except FloatingPointError as error:
         import warnings
 
@@ -167,10 +170,10 @@ def batched_callback(callback: Callable[..., None], reductions: tuple[Callable[.
     return report
 
 
-_REPORT_REDUCTIONS = (jnp.all, jnp.any, jnp.max, jnp.max)
+_REPORT_REDUCTIONS = (jnp.all, jnp.any, jnp.any, jnp.max, jnp.max)
 
 
-def enforce(solve: LinearSolver, throw: bool) -> Callable[..., tuple[Array, SolveInfo]]:
+def enforce(solve: Solve, throw: bool) -> Solve:
     """Wrap a solver with the failure policy used inside derivatives: when a
     solve fails, raise (``throw=True``) or return NaN and warn (``throw=False``).
     The check runs where the solve runs, so it applies in forward mode, in
@@ -179,7 +182,7 @@ def enforce(solve: LinearSolver, throw: bool) -> Callable[..., tuple[Array, Solv
 
     def checked(matvec, b, project):
         x, info = solve(matvec, b, project)
-        report(info.converged, info.negative_curvature, info.residual, info.iterations)
+        report(info.converged, info.negative_curvature, info.singular, info.residual, info.iterations)
         if not throw:
             x = jnp.where(info.converged, x, jnp.nan)
         return x, info
@@ -190,7 +193,7 @@ def enforce(solve: LinearSolver, throw: bool) -> Callable[..., tuple[Array, Solv
 def custom_root(
     optimality_fn: OptimalityFn,
     *,
-    solve: LinearSolver | None = None,
+    solve: Solve | None = None,
     symmetric: bool = True,
     zero_modes: ZeroModesFn | None = None,
     throw: bool = True,

@@ -16,8 +16,8 @@ value ``z_iso = 2 dim - 2 (dim - 1) / N'``, Goodrich, Liu and Nagel, PRL 109,
 095704, 2012, for ``N'`` non-rattlers), and bulk and shear moduli
 (:func:`mdsens.observables.elastic_response`).
 
-The energy is the system's own (``system.energy_fn``, all pairs or a
-neighbor list as built by :func:`mdsens.systems.soft_sphere_packing`).
+Every relaxation uses one minimiser value (default :data:`MINIMISER`: FIRE
+to ``fmax`` 1e-12 in at most 200 000 steps, with the system's ``dt_max``).
 """
 
 from __future__ import annotations
@@ -31,12 +31,17 @@ import jax
 import numpy as np
 
 from mdsens import observables as ob
+from mdsens.adjoints import Implicit
+from mdsens.minimisers import FIRE, Minimiser
 from mdsens.relaxation import relax
 from mdsens.systems import System
 
 Array = jax.Array
 
-__all__ = ["Jamming", "State", "compress", "find_jamming", "observe", "packing_fraction", "rescale"]
+__all__ = ["MINIMISER", "Jamming", "State", "compress", "find_jamming", "observe", "packing_fraction", "rescale"]
+
+#: Near jamming, relaxations are slow (the energy landscape flattens): a larger step budget.
+MINIMISER = FIRE(max_steps=200_000)
 
 
 def _check_soft_spheres(system: System, caller: str) -> None:
@@ -75,18 +80,17 @@ class State:
     n_steps: int
 
 
-def _relaxed(system: System, positions: Array, params: Any, fmax: float, max_steps: int) -> State:
+def _relaxed(system: System, positions: Array, params: Any, minimiser: Minimiser) -> State:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # reported in State.converged
-        r = relax(system.energy_fn, positions, params, shift_fn=system.shift_fn, dt_max=system.dt_max,
-                  fmax=fmax, max_steps=max_steps)
+        r = relax(system, positions, params, minimiser=minimiser)
     p = float(ob.pressure(system, r.positions, params))
     return State(packing_fraction(system, params), p, r.positions, params, bool(r.converged), int(r.n_steps))
 
 
-def _move(system: System, state: State, phi: float, fmax: float, max_steps: int) -> State:
+def _move(system: System, state: State, phi: float, minimiser: Minimiser) -> State:
     x, params = rescale(state.positions, state.params, state.phi, phi)
-    return _relaxed(system, x, params, fmax, max_steps)
+    return _relaxed(system, x, params, minimiser)
 
 
 @dataclasses.dataclass
@@ -102,26 +106,34 @@ class Jamming:
 
 
 def find_jamming(
-    system: System, positions: Array | None = None, params: Any = None, *, p_target: float = 1e-7,
-    factor: float = 10.0, fmax: float = 1e-12, max_steps: int = 200_000, max_tries: int = 60,
+    system: System,
+    positions: Array | None = None,
+    params: Any = None,
+    *,
+    p_target: float = 1e-7,
+    factor: float = 10.0,
+    max_tries: int = 60,
+    minimiser: Minimiser = MINIMISER,
 ) -> Jamming:
     """Jamming packing fraction of the packing relaxed from ``positions`` (default
     the system's random start) at the packing fraction of ``params`` (default
     the system's), which must be above jamming. Pressure is lowered by about
     ``factor`` per accepted step down to ``p_target``; ``phi_c`` is the linear
-    extrapolation of the last two states to zero pressure. Raises
+    extrapolation of the last two states to zero pressure. Every state is
+    relaxed with ``minimiser``. Raises
     ``ValueError`` if the start is not jammed, ``RuntimeError`` if ``p_target``
     is not reached in ``max_tries`` steps."""
     _check_soft_spheres(system, "find_jamming")
-    if not (0 < p_target and factor > 1):
+    if not (p_target > 0 and factor > 1):
         raise ValueError(f"need p_target > 0 and factor > 1; got {p_target}, {factor}.")
-    params = system.params if params is None else params
-    positions = system.positions if positions is None else positions
-    state = _relaxed(system, positions, params, fmax, max_steps)
+    positions, params = system.inputs(positions, params)
+    state = _relaxed(system, positions, params, minimiser)
     if not (state.converged and state.pressure > 0):
-        raise ValueError(f"find_jamming: the start at phi={state.phi:.4f} is not jammed (p={state.pressure:.3g}, "
-                         f"relaxation converged: {state.converged}); start at higher phi.")
-    previous = _move(system, state, state.phi * (1.0 - 1e-3), fmax, max_steps)
+        raise ValueError(
+            f"find_jamming: the start at phi={state.phi:.4f} is not jammed (p={state.pressure:.3g}, "
+            f"relaxation converged: {state.converged}); start at higher phi."
+        )
+    previous = _move(system, state, state.phi * (1.0 - 1e-3), minimiser)
     if not (previous.converged and previous.pressure > 0):
         raise ValueError("find_jamming: a 0.1% decompression unjams the start; start at higher phi.")
     state, previous = previous, state
@@ -132,7 +144,7 @@ def find_jamming(
         slope = (previous.pressure - state.pressure) / (previous.phi - state.phi)
         slope = slope if slope > 0 else state.pressure / (0.01 * state.phi)
         goal = max(state.pressure / factor, 0.5 * p_target)
-        trial = _move(system, state, state.phi - (state.pressure - goal) / slope, fmax, max_steps)
+        trial = _move(system, state, state.phi - (state.pressure - goal) / slope, minimiser)
         # Accept a converged jammed state whose pressure fell without overshooting into the unjammed phase.
         if trial.converged and goal * 1e-2 < trial.pressure < state.pressure:
             state, previous = trial, state
@@ -146,38 +158,54 @@ def find_jamming(
 
 
 def compress(
-    system: System, jamming: Jamming, delta_phis, *, fmax: float = 1e-12, max_steps: int = 200_000,
+    system: System,
+    jamming: Jamming,
+    delta_phis,
+    *,
+    minimiser: Minimiser = MINIMISER,
 ) -> list[State]:
-    """Relaxed packings at ``phi_c + delta_phi`` for the ``delta_phis`` in increasing
-    order, each compressed from the previous one (the first from ``jamming.state``)."""
+    """Packings at ``phi_c + delta_phi`` relaxed with ``minimiser``, for the
+    ``delta_phis`` in increasing order, each compressed from the previous one (the
+    first from ``jamming.state``)."""
     delta_phis = sorted(float(d) for d in delta_phis)
     if not delta_phis or delta_phis[0] <= 0:
         raise ValueError(f"delta_phis must be positive; got {delta_phis}.")
     states, state = [], jamming.state
     for dphi in delta_phis:
-        state = _move(system, state, jamming.phi_c + dphi, fmax, max_steps)
+        state = _move(system, state, jamming.phi_c + dphi, minimiser)
         states.append(state)
     return states
 
 
-def observe(system: System, state: State, solver: Any = None) -> dict[str, Any]:
-    """Plain numbers of a relaxed packing: ``phi``, ``pressure``, ``n_rattlers``,
+def observe(
+    system: System, state: State, *, minimiser: Minimiser = MINIMISER, adjoint: Implicit = Implicit()
+) -> dict[str, Any]:
+    """Plain numbers of a packing relaxed with ``minimiser``: ``phi``, ``pressure``, ``n_rattlers``,
     ``n_contacts`` (among non-rattlers), ``z`` (``2 n_contacts / N'``),
     ``z_iso`` (``2 dim - 2 (dim - 1) / N'``), ``bulk_modulus`` and
     ``shear_modulus`` (:func:`mdsens.observables.isotropic_moduli` with the
     stress: ``-V dp/dV`` and the averaged ``d sigma_xy / d gamma``),
-    ``moduli_ok``, ``fmax``, ``solve_residual``, ``converged`` and ``n_steps``."""
+    ``moduli_ok``, ``fmax``, ``solve_residual``, ``converged`` and ``n_steps``.
+    The moduli's solves use ``adjoint``'s solver."""
     _check_soft_spheres(system, "observe")
     dim = system.dim
     c = np.asarray(ob.contacts(system, state.positions, state.params))
     keep = ~np.asarray(ob.rattlers(c, dim))
     n_contacts = int(np.sum(c[np.ix_(keep, keep)]) // 2)
     n_kept = max(int(np.sum(keep)), 1)
-    moduli = ob.elastic_response(system, state.positions, state.params, solver=solver)
+    moduli = ob.elastic_response(system, state.positions, state.params, minimiser=minimiser, adjoint=adjoint)
     return {
-        "phi": state.phi, "pressure": state.pressure, "n_rattlers": int(np.sum(~keep)), "n_contacts": n_contacts,
-        "z": 2.0 * n_contacts / n_kept, "z_iso": 2.0 * dim - 2.0 * (dim - 1) / n_kept,
-        "bulk_modulus": float(moduli.bulk_modulus), "shear_modulus": float(moduli.shear_modulus),
-        "moduli_ok": bool(moduli.ok), "fmax": float(moduli.fmax), "solve_residual": float(moduli.solve_residual),
-        "converged": state.converged, "n_steps": state.n_steps,
+        "phi": state.phi,
+        "pressure": state.pressure,
+        "n_rattlers": int(np.sum(~keep)),
+        "n_contacts": n_contacts,
+        "z": 2.0 * n_contacts / n_kept,
+        "z_iso": 2.0 * dim - 2.0 * (dim - 1) / n_kept,
+        "bulk_modulus": float(moduli.bulk_modulus),
+        "shear_modulus": float(moduli.shear_modulus),
+        "moduli_ok": bool(moduli.ok),
+        "fmax": float(moduli.fmax),
+        "solve_residual": float(moduli.solve_residual),
+        "converged": state.converged,
+        "n_steps": state.n_steps,
     }

@@ -40,28 +40,32 @@ class SolveInfo:
     Attributes:
         residual: true relative residual ``|b - A x| / |b|`` (0 when b = 0).
         iterations: iterations taken (0 for the dense solver).
-        converged: ``residual <= rtol`` (or the absolute residual ``<= atol``).
-        negative_curvature: CG found a direction with ``p^T A p <= 0``.
+        converged: ``residual <= rtol`` (or the absolute residual ``<= atol``);
+            for :class:`Dense`, also when the residual lies in the numerical
+            null space (the pseudo-inverse answer of an inconsistent system).
+        negative_curvature: CG met a direction with ``p^T A p < -null_rtol s |p|^2``
+            (``s``: the largest Rayleigh quotient seen, an estimate of ``|A|``).
+        singular: CG met a direction in the numerical null space,
+            ``|p^T A p| <= null_rtol s |p|^2``, that the zero modes do not cover.
+        lowest_curvature: CG: the lowest Rayleigh quotient ``p^T A p / p^T p``
+            of its search directions (NaN for the other solvers).
     """
 
     residual: Array
     iterations: Array
     converged: Array
     negative_curvature: Array
+    singular: Array
+    lowest_curvature: Array
 
     @property
     def status(self) -> Array:
-        """A :class:`mdsens.Status` code: converged, negative_curvature,
+        """A :class:`mdsens.Status` code: converged, negative_curvature, singular,
         nonfinite or not_converged."""
-        return jnp.where(
-            self.converged,
-            Status.converged,
-            jnp.where(
-                self.negative_curvature,
-                Status.negative_curvature,
-                jnp.where(jnp.isfinite(self.residual), Status.not_converged, Status.nonfinite),
-            ),
-        ).astype(jnp.int32)
+        failed = jnp.where(jnp.isfinite(self.residual), Status.not_converged, Status.nonfinite)
+        failed = jnp.where(self.singular, Status.singular, failed)
+        failed = jnp.where(self.negative_curvature, Status.negative_curvature, failed)
+        return jnp.where(self.converged, Status.converged, failed).astype(jnp.int32)
 
     @property
     def reason(self) -> Any:
@@ -77,13 +81,29 @@ def _safe_div(a: Array, b: Array) -> Array:
     return jnp.where(b != 0, a / jnp.where(b != 0, b, 1.0), 0.0)
 
 
-def _finish(matvec, b, x, iterations, negative_curvature, rtol, atol) -> tuple[Array, SolveInfo]:
+def _finish(
+    matvec, b, x, iterations, rtol, atol, negative_curvature=False, singular=False, lowest_curvature=jnp.nan,
+    null_rtol=0.0, scale=0.0,
+) -> tuple[Array, SolveInfo]:
+    """Diagnostics from the true residual ``r = b - A x``. With ``null_rtol`` and
+    ``scale`` (``|A|``), a residual in the numerical null space (``|A r| <=
+    null_rtol scale |r|``) also counts as converged: for the pseudo-inverse
+    ``x`` is then the least-squares solution."""
     b_norm = jnp.linalg.norm(b)
-    r_norm = jnp.linalg.norm(b - matvec(x))
+    r = b - matvec(x)
+    r_norm = jnp.linalg.norm(r)
     residual = _safe_div(r_norm, b_norm)
-    converged = ((r_norm <= rtol * b_norm) | (r_norm <= atol)) & jnp.all(jnp.isfinite(x))
-    converged = converged & ~negative_curvature
-    return x, SolveInfo(residual, jnp.asarray(iterations, jnp.int32), converged, jnp.asarray(negative_curvature))
+    in_null_space = jnp.linalg.norm(matvec(r)) <= null_rtol * scale * r_norm if null_rtol else False
+    converged = ((r_norm <= rtol * b_norm) | (r_norm <= atol) | in_null_space) & jnp.all(jnp.isfinite(x))
+    converged = converged & ~negative_curvature & ~singular
+    return x, SolveInfo(
+        residual,
+        jnp.asarray(iterations, jnp.int32),
+        converged,
+        jnp.asarray(negative_curvature),
+        jnp.asarray(singular),
+        jnp.asarray(lowest_curvature, b.dtype),
+    )
 
 
 def _project_rhs(project: Projector, b: Array) -> Array:
@@ -146,38 +166,57 @@ class _Iterative:
 class CG(_Iterative):
     """Conjugate gradients for symmetric positive (semi-)definite ``A``: stop
     when ``|r| <= max(rtol |b|, atol)`` or after ``max_iter`` iterations
-    (default ``10 * len(b)``); optionally preconditioned."""
+    (default ``10 * len(b)``); optionally preconditioned.
+
+    Curvatures are judged relative to the largest Rayleigh quotient seen so
+    far, ``s ~ |A|``: a search direction with ``p^T A p < -null_rtol s |p|^2``
+    is negative curvature (a saddle, status ``negative_curvature``); one with
+    ``|p^T A p| <= null_rtol s |p|^2`` lies in the numerical null space (e.g.
+    the floppy modes of a packing below jamming, eigenvalues ~1e-12 |A|, that
+    no zero-mode projection covers) and ends the solve as ``singular``: CG
+    cannot give the minimum-norm answer there; :class:`Dense` can."""
 
     rtol: float = 1e-10
     atol: float = 0.0
     max_iter: int | None = None
     preconditioner: Jacobi | None = None
+    null_rtol: float = 1e-9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_field(self, "null_rtol", nonnegative_float(self.null_rtol, "null_rtol", "CG"))
 
     def __call__(self, matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
         A, precondition, b, tol = self._setup(matvec, b, project)
         z = precondition(b)
-        init = (jnp.zeros_like(b), b, z, jnp.vdot(b, z), 0, False)
+        zero = jnp.zeros((), b.dtype)
+        # (x, r, p, rz, k, negative, singular, lowest, scale)
+        init = (jnp.zeros_like(b), b, z, jnp.vdot(b, z), 0, False, False, zero + jnp.inf, zero)
         max_iter = self._iterations(b)
 
         def keep_going(state):
-            _, r, _, _, k, negative = state
-            return (jnp.linalg.norm(r) > tol) & (k < max_iter) & ~negative
+            _, r, _, _, k, negative, null, _, _ = state
+            return (jnp.linalg.norm(r) > tol) & (k < max_iter) & ~negative & ~null
 
         def step(state):
-            x, r, p, rz, k, _ = state
+            x, r, p, rz, k, _, _, lowest, scale = state
             Ap = A(p)
             curvature = jnp.vdot(p, Ap)
-            negative = curvature <= 0.0
-            step_length = _safe_div(rz, curvature)
+            quotient = _safe_div(curvature, jnp.vdot(p, p))
+            scale = jnp.maximum(scale, jnp.abs(quotient))
+            null = jnp.abs(quotient) <= self.null_rtol * scale
+            negative = quotient < -self.null_rtol * scale
+            step_length = jnp.where(null | negative, 0.0, _safe_div(rz, curvature))
             x = x + step_length * p
             r = r - step_length * Ap
             z = precondition(r)
             rz_new = jnp.vdot(r, z)
             p = z + _safe_div(rz_new, rz) * p
-            return x, r, p, rz_new, k + 1, negative
+            return x, r, p, rz_new, k + 1, negative, null, jnp.minimum(lowest, quotient), scale
 
-        x, _, _, _, k, negative = jax.lax.while_loop(keep_going, step, init)
-        return _finish(A, b, project(x), k, negative, self.rtol, self.atol)
+        x, _, _, _, k, negative, singular, lowest, _ = jax.lax.while_loop(keep_going, step, init)
+        lowest = jnp.where(jnp.isinf(lowest), jnp.nan, lowest)
+        return _finish(A, b, project(x), k, self.rtol, self.atol, negative, singular, lowest)
 
 
 @option()
@@ -229,7 +268,7 @@ class MINRES(_Iterative):
             return x, r1, r2, y, w, w2, beta, old_beta, dbar, epsilon, phibar, cs, sn, k + 1
 
         state = jax.lax.while_loop(keep_going, step, init)
-        return _finish(A, b, project(state[0]), state[13], False, self.rtol, self.atol)
+        return _finish(A, b, project(state[0]), state[13], self.rtol, self.atol)
 
 
 @option()
@@ -269,14 +308,16 @@ class BiCGSTAB(_Iterative):
             return x, r, p, v, rho_new, alpha, omega, k + 1
 
         state = jax.lax.while_loop(keep_going, step, init)
-        return _finish(A, b, project(state[0]), state[7], False, self.rtol, self.atol)
+        return _finish(A, b, project(state[0]), state[7], self.rtol, self.atol)
 
 
 @option()
 class Dense:
     """Dense pseudo-inverse: builds ``A`` column by column (``n`` products, ``n^2``
     memory) and applies ``pinv(A, rcond)``. For small systems and references;
-    ``rtol``/``atol`` only decide the ``converged`` flag."""
+    ``rtol``/``atol`` only decide the ``converged`` flag, which is also true
+    when the residual lies in the numerical null space (``|A r| <= rcond |A|
+    |r|``): the pseudo-inverse answer of an inconsistent system."""
 
     rcond: float = 1e-10
     rtol: float = 1e-8
@@ -292,7 +333,8 @@ class Dense:
         b = _project_rhs(project, b)
         matrix = jax.vmap(A, out_axes=1)(jnp.eye(b.size, dtype=b.dtype))
         x = project(jnp.linalg.pinv(matrix, rtol=self.rcond, hermitian=False) @ b)
-        return _finish(A, b, x, 0, False, self.rtol, self.atol)
+        norm = jnp.linalg.norm(matrix, 2)
+        return _finish(A, b, x, 0, self.rtol, self.atol, null_rtol=self.rcond, scale=norm)
 
 
 #: What derivative methods accept as ``solver``.

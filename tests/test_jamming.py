@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 import pytest
 from test_elasticity import numpy_rattlers, packing
 
-from mdsens import jamming, relax, systems
+from mdsens import FIRE, jamming, relax, systems
 from mdsens import observables as ob
 
 
@@ -25,11 +26,11 @@ def test_find_jamming_brackets_the_transition():
     assert 0.80 < jam.phi_c < 0.88  # 2D bidisperse discs jam near 0.84
     assert 0 < jam.state.pressure <= 1e-6 and jam.state.converged
     pressures = [p for _, p in jam.history]
-    assert all(a > b for a, b in zip(pressures, pressures[1:]))
+    assert all(a > b for a, b in itertools.pairwise(pressures))
     assert jam.state.phi == pytest.approx(jamming.packing_fraction(s, jam.state.params))
     # Just below phi_c the packing unjams: zero energy and pressure after relaxation.
     x, params = jamming.rescale(jam.state.positions, jam.state.params, jam.state.phi, jam.phi_c - 1e-4)
-    r = relax(s.energy_fn, x, params, shift_fn=s.shift_fn, dt_max=s.dt_max, max_steps=200_000)
+    r = relax(s, x, params, minimiser=FIRE(max_steps=200_000))
     assert float(ob.energy(s, r.positions, params)) < 1e-20
     assert abs(float(ob.pressure(s, r.positions, params))) < 1e-10
 

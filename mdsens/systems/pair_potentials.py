@@ -28,17 +28,22 @@ def morse_pair(r: Array, sigma: Array, epsilon: Array, alpha: Array, **unused: A
 
 
 def smooth_cutoff(pair_fn: Callable[..., Array], r_onset: float, r_cutoff: float) -> Callable[..., Array]:
-    """``pair_fn`` times HOOMD-blue's C^1 switching function, 1 below ``r_onset`` and 0
-    above ``r_cutoff``, in float64. jax-md's ``multiplicative_isotropic_cutoff`` squares
-    the radii in float32: when the square of the cutoff is not a float32 (2.2**2), its
-    switch does not reach 0 at ``r_cutoff`` and the pair force jumps there."""
-    r_o2, r_c2 = r_onset**2, r_cutoff**2
+    """``pair_fn`` times a C^4 switch: 1 below ``r_onset``, 0 above ``r_cutoff``,
+    and in between the smoothstep polynomial of degree 9 in
+    ``u = (r - r_onset) / (r_cutoff - r_onset)``,
+
+    .. math:: S(u) = 1 - u^5 (126 - 420 u + 540 u^2 - 315 u^3 + 70 u^4),
+
+    whose first four derivatives vanish at both ends. Derivatives of x* of
+    order k need the energy's derivative of order k + 1 to be continuous: a C^1
+    switch (HOOMD's XPLOR) makes dx*/dtheta jump when a pair crosses the onset,
+    and second derivatives of x* are then not the derivatives of the first."""
+    width = r_cutoff - r_onset
 
     def cut_fn(r: Array, *args: Any, **kwargs: Any) -> Array:
-        r2 = r**2
-        switch = (r_c2 - r2) ** 2 * (r_c2 + 2 * r2 - 3 * r_o2) / (r_c2 - r_o2) ** 3
-        switch = jnp.where(r < r_onset, 1.0, jnp.where(r < r_cutoff, switch, 0.0))
-        return switch * pair_fn(r, *args, **kwargs)
+        u = jnp.clip((r - r_onset) / width, 0.0, 1.0)
+        switch = 1.0 - u**5 * (126.0 + u * (-420.0 + u * (540.0 + u * (-315.0 + u * 70.0))))
+        return jnp.where(r < r_cutoff, switch * pair_fn(r, *args, **kwargs), 0.0)
 
     return cut_fn
 
