@@ -16,6 +16,7 @@ RelaxResult | None)``, differentiable in ``params``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from mdsens import zero_modes as zm
+from mdsens._results import Status
 from mdsens._values import count, positive_float, set_field
 from mdsens.implicit import custom_root, root_jvp, root_vjp
 from mdsens.linear_solve import CG, SOLVERS, LinearSolver, SolveInfo
@@ -35,23 +37,24 @@ Array = jax.Array
 
 
 def check_relaxed(result: RelaxResult, throw: bool) -> Array:
-    """Relaxed positions, or an error (``throw``) / NaN and a warning if the
-    relaxation failed: inside derivatives no diagnostics can be returned."""
+    """Relaxed positions, or an error (``throw``) / NaN and a warning naming why
+    the relaxation failed: inside derivatives no diagnostics can be returned."""
 
-    def report(converged: Any) -> None:
-        if not np.all(converged):
-            message = (
-                "mdsens.equilibrium: the relaxation did not reach the force tolerance, "
-                "so x* and its derivatives would be wrong (raise max_steps, or use "
-                "equilibrium_with_info to inspect it)."
-            )
-            if throw:
-                raise FloatingPointError(message)
-            import warnings
+    def report(status: Any) -> None:
+        status = np.atleast_1d(np.asarray(status))
+        if np.all(status == Status.converged):
+            return
+        worst = Status(int(status[status != Status.converged][0]))
+        message = (
+            f"mdsens.equilibrium: the relaxation did not reach the force tolerance: it stopped with "
+            f"{worst.name} ({worst.message}), so x* and "
+            "its derivatives would be wrong (use equilibrium_with_info to inspect it)."
+        )
+        if throw:
+            raise FloatingPointError(message)
+        warnings.warn(message + " Returning NaN.", RuntimeWarning, stacklevel=2)
 
-            warnings.warn(message + " Returning NaN.", RuntimeWarning, stacklevel=2)
-
-    jax.debug.callback(report, result.converged)
+    jax.debug.callback(report, result.status)
     return result.positions if throw else jnp.where(result.converged, result.positions, jnp.nan)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import mdsens
+import mdsens.testing
 from mdsens import systems
 
 BUILDERS = {
