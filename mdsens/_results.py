@@ -23,6 +23,7 @@ class Status(enum.IntEnum):
     not_converged = 4
     negative_curvature = 5
     singular = 6
+    saddle = 7
 
     @property
     def message(self) -> str:
@@ -58,5 +59,9 @@ _MESSAGES = {
         "that the zero modes do not cover (e.g. floppy modes of a packing below "
         "jamming): CG cannot give the minimum-norm derivative there; use "
         "Implicit(solver=Dense()) for small systems, or declare the zero modes"
+    ),
+    Status.saddle: (
+        "the forces vanish but the Hessian has negative curvature beyond the zero modes: "
+        "the state is a saddle or a maximum, not a minimum (perturb the start and relax again)"
     ),
 }

@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdsens import zero_modes
 from mdsens._checks import is_concrete, require_x64
 from mdsens._results import Status
+from mdsens.curvature import curvature_bounds, is_saddle
 from mdsens.minimisers import FIRE, GradientDescent, Minimiser, max_force
 from mdsens.neighbors import MAX_REALLOCATIONS
 from mdsens.systems.energy import Energy
@@ -43,10 +45,15 @@ class RelaxResult:
         energy: energy at ``positions`` (NaN if the neighbor list was invalid).
         fmax: largest per-particle force norm at ``positions`` (ASE's ``fmax``).
         n_steps: number of minimiser steps taken.
-        converged: whether ``fmax`` reached the minimiser's tolerance.
+        converged: whether ``fmax`` reached the minimiser's tolerance at a
+            certified minimum.
         status: a :class:`mdsens.Status` code: converged, max_steps, nonfinite,
-            or neighbor_overflow (``positions`` is then the last state computed
-            with a valid list).
+            saddle, or neighbor_overflow (``positions`` is then the last state
+            computed with a valid list).
+        lowest_curvature: the lowest curvature of the Hessian at ``positions``
+            with the zero modes projected out (a Lanczos estimate from above,
+            :mod:`mdsens.curvature`); below ``-SADDLE_RTOL`` times the largest
+            curvature the state is a ``saddle``, never ``converged``.
     """
 
     positions: Array
@@ -55,6 +62,7 @@ class RelaxResult:
     n_steps: Array
     converged: Array
     status: Array
+    lowest_curvature: Array
 
     @property
     def reason(self) -> Any:
@@ -115,19 +123,24 @@ def iterate(energy: Energy, minimiser: Minimiser, params: Any, state: Any, stop_
 
 
 def outcome(energy: Energy, minimiser: Minimiser, params: Any, state: Any) -> tuple[RelaxResult, Any]:
-    """The :class:`RelaxResult` of a stopped loop, and ``aux`` at its positions."""
-    aux = energy.update(state.aux, state.positions, params)
+    """The :class:`RelaxResult` of a stopped loop, and ``aux`` at its positions.
+    A state that reached the force tolerance is certified: its lowest curvature
+    (zero modes projected out) must not be negative."""
+    x = state.positions
+    aux = energy.update(state.aux, x, params)
     valid = energy.valid(aux)
-    e = energy.bind(aux)(state.positions, params)
+    energy_fn = energy.bind(aux)
+    e = energy_fn(x, params)
     fmax = max_force(state.force)
     finite = jnp.isfinite(e) & jnp.all(jnp.isfinite(state.force))
-    converged = (fmax <= minimiser.fmax) & valid & finite
-    status = jnp.where(
-        converged,
-        Status.converged,
-        jnp.where(~valid, Status.neighbor_overflow, jnp.where(finite, Status.max_steps, Status.nonfinite)),
-    ).astype(jnp.int32)
-    return RelaxResult(state.positions, e, fmax, state.step, converged, status), aux
+    hvp = zero_modes.hvp_of(energy_fn, x, params)
+    lowest, largest = curvature_bounds(hvp, zero_modes.detect(hvp, x))
+    saddle = is_saddle(lowest, largest) | ~jnp.isfinite(lowest)
+    at_tolerance = (fmax <= minimiser.fmax) & valid & finite
+    converged = at_tolerance & ~saddle
+    failed = jnp.where(~valid, Status.neighbor_overflow, jnp.where(finite, Status.max_steps, Status.nonfinite))
+    status = jnp.where(converged, Status.converged, jnp.where(at_tolerance, Status.saddle, failed)).astype(jnp.int32)
+    return RelaxResult(x, e, fmax, state.step, converged, status, lowest), aux
 
 
 @jax.jit(static_argnums=(0, 5))
@@ -204,7 +217,8 @@ def warn_unconverged(status: Any, fmax: Any) -> None:
         what = ", ".join(f"{np.sum(status == code)} {code.name}" for code in Status if np.any(status == code) and code)
         warnings.warn(
             f"mdsens.relax: {np.sum(failed)} of {status.size} relaxation(s) did not reach "
-            f"fmax <= {float(np.max(fmax)):.3g} ({what}); see RelaxResult.converged and .reason.",
+            f"fmax <= {float(np.max(fmax)):.3g} at a certified minimum ({what}); see RelaxResult.converged "
+            "and .reason.",
             RuntimeWarning,
             stacklevel=3,
         )

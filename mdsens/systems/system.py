@@ -9,12 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens._checks import as_float64, check_finite, check_params, check_positions, require_x64
+from mdsens._checks import as_float64, check_finite, check_params, check_positions, is_concrete, require_x64
 from mdsens._values import positive_float
 from mdsens.systems.energy import Energy, EnergyFn, FunctionEnergy, as_energy
 
 Array = jax.Array
 
+#: Positions of periodic systems must lie within this many boxes of the origin
+#: (they are never wrapped; the minimum image rounds ``box^-1 x``).
+MAX_BOX_IMAGES = 1e6
 #: ``dt_max`` of :meth:`System.from_energy` when none is given: small enough for
 #: stiff potentials in reduced units (FIRE then grows its step up to it).
 DEFAULT_DT_MAX = 0.05
@@ -41,6 +44,9 @@ class System:
         species: integer species of each particle, shape ``(N,)``.
         dt_max: the largest stable FIRE time step of this potential; minimisers
             without a ``dt_max`` of their own take it.
+        positive: names of top-level parameters (keys of a dict ``params``)
+            whose entries must be positive (sizes, energy scales): checked
+            whenever concrete parameters are passed.
     """
 
     energy: Energy
@@ -49,6 +55,7 @@ class System:
     box: Array | None
     species: Array
     dt_max: float
+    positive: tuple[str, ...] = ()
 
     @classmethod
     def from_energy(
@@ -60,13 +67,15 @@ class System:
         box: Any = None,
         species: Any = None,
         dt_max: float = DEFAULT_DT_MAX,
+        positive: tuple[str, ...] = (),
     ) -> System:
         """A system from your own energy ``energy(positions, params) -> scalar``
         (any JAX function, e.g. built with jax-md), its parameters (a pytree of
         float arrays: every leaf is differentiable), a start ``(N, dim)``, the
         periodic ``box`` matrix (None: free space; informational, the energy
         handles periodicity), integer ``species`` (default all 0) and a stable
-        time step ``dt_max`` (default :data:`DEFAULT_DT_MAX`)."""
+        time step ``dt_max`` (default :data:`DEFAULT_DT_MAX`); ``positive`` names
+        parameters that must stay positive."""
         require_x64("System.from_energy")
         positions = check_positions(positions)
         params = check_params(params)
@@ -84,7 +93,9 @@ class System:
                 raise ValueError(f"species must be {n} non-negative integers, one per particle; got {species!r}.")
             species = jnp.asarray(species, jnp.int32)
         dt_max = positive_float(dt_max, "dt_max", "System.from_energy")
-        return cls(as_energy(energy), params, positions, box, species, dt_max)
+        system = cls(as_energy(energy), params, positions, box, species, dt_max, tuple(positive))
+        system.check_params(params)
+        return system
 
     @property
     def n(self) -> int:
@@ -115,19 +126,38 @@ class System:
                 f"{name} must have the structure of the system's parameters "
                 f"{jax.tree_util.tree_structure(self.params)}; got {structure}."
             )
-        for (path, leaf), (_, reference) in zip(leaves, expected):
+        for (path, leaf), (_, reference) in zip(leaves, expected, strict=True):
             if jnp.shape(leaf) != jnp.shape(reference):
                 raise ValueError(
                     f"{name}{jax.tree_util.keystr(path)} must have shape {jnp.shape(reference)} "
                     f"(as the system's); got {jnp.shape(leaf)}."
                 )
+        for key in self.positive:
+            if is_concrete(params[key]) and not np.all(np.asarray(params[key]) > 0):
+                raise ValueError(f"{name}[{key!r}] must be positive; got {np.asarray(params[key]).tolist()}.")
         return params
 
     def check_positions(self, positions: Any, name: str = "positions") -> Array:
-        """``positions`` as a finite float64 ``(N, dim)`` array of this system's shape."""
+        """``positions`` as a finite float64 ``(N, dim)`` array of this system's
+        shape; concrete ones must also have no two particles on one point (a
+        maximum of every repulsive energy, where forces vanish by symmetry) and,
+        in a periodic box, lie within :data:`MAX_BOX_IMAGES` boxes of it."""
         positions = check_positions(positions, name)
         if positions.shape != self.positions.shape:
             raise ValueError(f"{name} must have shape {self.positions.shape} (N, dim); got {positions.shape}.")
+        if is_concrete(positions):
+            values = np.asarray(positions)
+            _, first, counts = np.unique(values, axis=0, return_index=True, return_counts=True)
+            if np.any(counts > 1):
+                i = int(first[np.argmax(counts > 1)])
+                raise ValueError(f"{name}: particles sit on one point ({values[i].tolist()}, {int(np.max(counts))} of them).")
+            if self.box is not None:
+                fractional = np.linalg.solve(np.asarray(self.box), values.T)
+                if np.max(np.abs(fractional)) > MAX_BOX_IMAGES:
+                    raise ValueError(
+                        f"{name} has coordinates {np.max(np.abs(fractional)):.3g} boxes away from the origin "
+                        f"(more than {MAX_BOX_IMAGES:g}): the minimum image loses precision there."
+                    )
         return positions
 
     def inputs(self, positions: Any = None, params: Any = None) -> tuple[Array, Any]:
