@@ -1,7 +1,9 @@
 """The ``mdsens`` command: ``mdsens study CONFIG --out DIR`` and ``mdsens demo``.
 
-Only the standard library is imported here: JAX and jax-md are loaded by the
-subcommand that needs them, so ``mdsens --help`` answers at once.
+Importing mdsens imports JAX and jax-md, and importing jax-md starts JAX's
+backend, after which the number of CPU devices is fixed and
+``jax.distributed.initialize`` refuses to run. When the command needs either,
+it re-runs itself through a bootstrap that applies them before importing mdsens.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import os
 import pathlib
 import sys
 from collections.abc import Sequence
+
+import jax
+
+from mdsens import study
 
 STUDY_HELP = """\
 Run a batched parameter study described in a TOML file: relax every point of a
@@ -62,17 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     study.add_argument("config", metavar="CONFIG", help="the study's TOML file")
-    study.add_argument("--out", metavar="DIR", required=True, help="output folder (created; resumed if it holds this study)")
-    study.add_argument("--dry-run", action="store_true", help="check the configuration, build every system, print the plan and stop")
+    study.add_argument(
+        "--out", metavar="DIR", required=True, help="output folder (created; resumed if it holds this study)"
+    )
+    study.add_argument(
+        "--dry-run", action="store_true", help="check the configuration, build every system, print the plan and stop"
+    )
     study.add_argument("--no-progress", action="store_true", help="no progress bar")
     study.add_argument(
-        "--cache-dir", metavar="DIR", default=None,
+        "--cache-dir",
+        metavar="DIR",
+        default=None,
         help="JAX persistent compilation cache (default $MDSENS_CACHE_DIR or ~/.cache/mdsens/jax-cache)",
     )
     study.add_argument("--no-cache", action="store_true", help="do not use the persistent compilation cache")
-    study.add_argument("--cpu-devices", metavar="N", type=int, default=None, help="run on N CPU devices (default: $JAX_NUM_CPU_DEVICES, else one per core)")
+    study.add_argument(
+        "--cpu-devices",
+        metavar="N",
+        type=int,
+        default=None,
+        help="run on N CPU devices (default: $JAX_NUM_CPU_DEVICES, else one per core)",
+    )
     hosts = study.add_argument_group("several processes (multi-host)")
-    hosts.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (auto-detects Slurm, Open MPI, ...)")
+    hosts.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (auto-detects Slurm, Open MPI, ...)",
+    )
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
     hosts.add_argument("--num-processes", metavar="N", type=int, help="number of processes")
     hosts.add_argument("--process-id", metavar="I", type=int, help="this process's index, 0..N-1")
@@ -85,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Settings that JAX reads only when its backend starts. When something imported
-# with mdsens has already started it, the command is re-run through this
-# bootstrap, which applies them before importing mdsens.
+# Settings that JAX reads only when its backend starts. Importing mdsens (jax-md)
+# starts it, so the command is re-run through this bootstrap, which applies
+# them before importing mdsens.
 _EARLY = "MDSENS_JAX_EARLY"
 _BOOTSTRAP = """
 import json, os, sys
@@ -123,7 +145,6 @@ def _quiet_cache_loads() -> None:
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") != "1":
         return
     try:
-        import jax
         from jax._src.lib import utils
 
         jax.devices()
@@ -141,25 +162,30 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _setup_jax(cache_dir: str | None, cpu_devices: int | None = None, distributed: dict | None = None,
-               argv: Sequence[str] = ()):
-    """Configure JAX: float64, the persistent compilation cache, CPU devices
-    (asked for, else one per core unless JAX_NUM_CPU_DEVICES is set or the
-    backend already runs), the distributed runtime (the last two before the
-    backend starts: this re-runs the command in a fresh interpreter if needed)."""
-    import jax
-
+def _setup_jax(
+    cache_dir: str | None,
+    cpu_devices: int | None = None,
+    distributed: dict | None = None,
+    argv: Sequence[str] = (),
+    own_process: bool = False,
+):
+    """Configure JAX: float64, the persistent compilation cache, the CPU devices
+    (asked for; else one per core, unless JAX_NUM_CPU_DEVICES is set or the
+    process is not the command's own: main() called by a program whose JAX
+    already runs) and the distributed runtime. The last two apply only before
+    the backend starts: if it has, the command is re-run in a fresh interpreter."""
     if os.environ.get(_EARLY) != "done":  # not yet applied by the re-run
-        if (cpu_devices is not None or distributed is not None) and _backend_started():
+        started = _backend_started()
+        if cpu_devices is None and "JAX_NUM_CPU_DEVICES" not in os.environ and (own_process or not started):
+            cpu_devices = _cores()
+        if started and (distributed is not None or cpu_devices not in (None, len(jax.devices("cpu")))):
             os.environ[_EARLY] = json.dumps({"cpu_devices": cpu_devices, "distributed": distributed})
             sys.stdout.flush()
             sys.stderr.flush()
             os.execv(sys.executable, [sys.executable, "-c", _BOOTSTRAP, *argv])
-        if cpu_devices is None and "JAX_NUM_CPU_DEVICES" not in os.environ and not _backend_started():
-            cpu_devices = _cores()
-        if cpu_devices is not None:
+        if not started and cpu_devices is not None:
             jax.config.update("jax_num_cpu_devices", cpu_devices)
-        if distributed is not None:
+        if not started and distributed is not None:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
             jax.distributed.initialize(**distributed)
     jax.config.update("jax_enable_x64", True)
@@ -169,7 +195,6 @@ def _setup_jax(cache_dir: str | None, cpu_devices: int | None = None, distribute
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         _quiet_cache_loads()
-    return jax
 
 
 def _fail(command: str, message: str, code: int = 2) -> int:
@@ -177,26 +202,26 @@ def _fail(command: str, message: str, code: int = 2) -> int:
     return code
 
 
-def _study(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from mdsens import _study_config
-
+def _study(args: argparse.Namespace, argv: Sequence[str], own_process: bool) -> int:
     try:
-        config = _study_config.load_config(args.config)
-    except _study_config.StudyConfigError as error:
+        config = study.load_config(args.config)
+    except study.StudyConfigError as error:
         return _fail("study", str(error))
     if args.cpu_devices is not None and args.cpu_devices < 1:
         return _fail("study", f"--cpu-devices must be >= 1; got {args.cpu_devices}.")
 
     distributed = None
-    explicit = {"coordinator_address": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    explicit = {
+        "coordinator_address": args.coordinator,
+        "num_processes": args.num_processes,
+        "process_id": args.process_id,
+    }
     if args.distributed or any(v is not None for v in explicit.values()):
         distributed = {k: v for k, v in explicit.items() if v is not None}
         if 0 < len(distributed) < 3 and args.coordinator is not None:
             return _fail("study", "--coordinator needs --num-processes and --process-id too.")
     cache_dir = None if args.no_cache else (args.cache_dir or _cache_dir_default())
-    jax = _setup_jax(cache_dir, args.cpu_devices, distributed, argv)
-
-    from mdsens import study
+    _setup_jax(cache_dir, args.cpu_devices, distributed, argv, own_process)
 
     def log(message: str) -> None:
         if jax.process_index() == 0:
@@ -204,8 +229,7 @@ def _study(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     try:
         if args.dry_run:
-            plan = study.plan(config)
-            print(json.dumps(_plan_summary(plan, jax), indent=2))
+            print(json.dumps(_plan_summary(study.Plan.from_config(config)), indent=2))
             return 0
         dataset = study.run(config, args.out, progress=not args.no_progress, log=log)
     except (study.StudyConfigError, study.StudyError) as error:
@@ -232,7 +256,7 @@ def _study(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _plan_summary(plan, jax) -> dict:
+def _plan_summary(plan: study.Plan) -> dict:
     return {
         "points": plan.n_points,
         "seeds": list(plan.config.seeds),
@@ -247,14 +271,17 @@ def _plan_summary(plan, jax) -> dict:
 
 def _demo(argv: Sequence[str]) -> int:
     if not {"-h", "--help"} & set(argv):
-        _setup_jax(_cache_dir_default())
-    from mdsens import demo
+        _setup_jax(_cache_dir_default())  # the demo runs on one device: no re-run for more
+    from mdsens import demo  # imports matplotlib: only for this command
 
     demo.main(list(argv))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; ``argv`` None: the process's own arguments (the console
+    script, ``python -m mdsens.cli``), and the process is the command's own."""
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "demo":
@@ -262,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "study":
-        return _study(args, argv)
+        return _study(args, argv, own_process)
     parser.print_help()
     return 0
 

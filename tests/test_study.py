@@ -27,7 +27,9 @@ import xarray as xr
 
 import mdsens
 from mdsens import study, systems
-from mdsens._study_config import BUILDER_PARAMS, BUILDERS, parse_config
+from mdsens.study import config as study_config
+from mdsens.study import plan as study_plan
+from mdsens.study.config import BUILDER_PARAMS, BUILDERS, parse_config
 
 # 2 x 2 points x 4 seeds = 16 samples in 4 chunks of 4: one member per device
 # on four devices, and a kill after the first chunk leaves three to resume.
@@ -59,8 +61,19 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Equal up to rounding: a batch of another size (another device count, the
 # other schedule, a single run) rounds differently, and FIRE follows a slightly
 # different path to the same minimum.
-EXACT = ("relax_converged", "relax_status", "n_zero_modes", "solve_converged", "done",
-         "param_diameters", "param_box", "param_epsilon", "param_alpha")
+EXACT = (
+    "relax_converged",
+    "relax_status",
+    "n_zero_modes",
+    "solve_converged",
+    "solve_status",
+    "solve_singular",
+    "done",
+    "param_diameters",
+    "param_box",
+    "param_epsilon",
+    "param_alpha",
+)
 CLOSE = {  # name: (rtol, atol)
     "positions": (0, 1e-10),
     "energy": (1e-9, 1e-16),
@@ -102,7 +115,38 @@ def reference(tmp_path_factory, config_path):
     return out, study.run(config_path, out)
 
 
-# -- configuration (no JAX)
+# -- configuration
+
+
+@pytest.mark.multiprocess
+def test_config_module_imports_no_jax():
+    """mdsens.study.config reads and checks a configuration with the standard
+    library alone: loaded from its file, outside the package (whose
+    ``__init__`` imports JAX), it imports neither JAX, numpy nor mdsens."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('study_config', {study_config.__file__!r})\n"
+        "module = sys.modules['study_config'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        f"config = module.load_config({str(ROOT / 'data' / 'study_example.toml')!r})\n"
+        "print(len(config.point_args()), sorted(m for m in ('jax', 'numpy', 'mdsens') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["32", "[]"]
+
+
+def test_option_tables_match_the_config_choices():
+    """Every [relax] method and [solve] solver name of the configuration has its value."""
+    assert set(study_plan.MINIMISERS) == set(study_config.RELAX_METHODS)
+    assert set(study_plan.SOLVERS) == set(study_config.SOLVERS)
+    plan = study.Plan.from_config(
+        SYSTEM + "[relax]\nmethod = 'gradient_descent'\nfmax = 1e-10\n"
+        "[solve]\nsolver = 'dense'\nrcond = 1e-9\nzero_modes = 'none'\n"
+    )
+    assert plan.groups[0].minimiser == mdsens.GradientDescent(fmax=1e-10, dt_max=plan.groups[0].system.dt_max)
+    assert plan.adjoint == mdsens.Implicit(solver=mdsens.Dense(rcond=1e-9), zero_modes=None)
+    assert study.Plan.from_config(SYSTEM).adjoint == mdsens.Implicit()  # the defaults of both
 
 
 def test_schema_matches_the_builders():
@@ -126,7 +170,10 @@ BAD_CONFIGS = [
     ("[sytem]\nbuilder = 'soft_sphere_packing'\nn = 8\n", "sytem: unknown key (did you mean 'system'?)"),
     (SYSTEM + "phii = 0.9\n", "system.phii: unknown key (did you mean 'phi'?)"),
     (SYSTEM + "[relax]\nfmaxx = 1e-9\n", "relax.fmaxx: unknown key (did you mean 'fmax'?)"),
-    (SYSTEM + "[sensitivities.d]\nsigma = 1.0\n", "sensitivities.d.sigma: soft_sphere_packing has no parameter 'sigma'"),
+    (
+        SYSTEM + "[sensitivities.d]\nsigma = 1.0\n",
+        "sensitivities.d.sigma: soft_sphere_packing has no parameter 'sigma'",
+    ),
     ("[system]\nbuilder = 'soft_sphere_packing'\nn = 'twelve'\n", "system.n: expected an integer, got a string"),
     ("[system]\nbuilder = 'soft_sphere_packing'\nn = 8.0\n", "system.n: expected an integer, got a number"),
     (SYSTEM + "[grid]\nphi = [0.9, 'high']\n", "grid.phi[1]: expected a number, got a string"),
@@ -168,12 +215,17 @@ def test_canonical_config_parses_back_to_an_equal_one():
 
 def test_builder_and_tangent_errors_name_the_point_and_key(tmp_path):
     bad_point = CONFIG.replace("phi = [0.85, 0.95]", "phi = [0.85, -0.5]")
-    with pytest.raises(study.StudyConfigError, match=r"grid point 2 \(phi=-0.5, diameters=\[1.0, 1.2\]\).*phi must be positive"):
+    with pytest.raises(
+        study.StudyConfigError, match=r"grid point 2 \(phi=-0.5, diameters=\[1.0, 1.2\]\).*phi must be positive"
+    ):
         study.run(bad_point, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing left behind
     bad_tangent = CONFIG.replace("diameters = [1.0, 0.0]", "diameters = [1.0, 0.0, 0.0]")
     with pytest.raises(study.StudyConfigError, match=r"sensitivities.small.diameters: shape \(3,\) does not fit"):
-        study.plan(bad_tangent)
+        study.Plan.from_config(bad_tangent)
+    # Limits of the option values themselves, named by section.
+    with pytest.raises(study.StudyConfigError, match=r"bad.toml: relax: FIRE: max_steps must be an integer in"):
+        study.Plan.from_config(parse_config(SYSTEM + "[relax]\nmax_steps = 3000000000\n", source="bad.toml"))
 
 
 def test_unusable_output_folders_are_refused(tmp_path):
@@ -198,31 +250,30 @@ def test_unusable_output_folders_are_refused(tmp_path):
 # -- results
 
 
+@pytest.mark.slow
 def test_samples_equal_single_calls(reference):
     """Every sample and sensitivity against mdsens.equilibrium_jvp (and the
     envelope theorem, mdsens.energy_sensitivity) on that sample's own system."""
     _, ds = reference
     config = parse_config(CONFIG)
     args = config.point_args()
-    # One energy_fn and shift_fn for all samples (mdsens compiles per function
-    # object); each sample's own energy_fn computes the same (checked below).
+    # One system's energy for all samples (mdsens compiles per energy); each
+    # sample's own energy computes the same (checked below).
     first = systems.soft_sphere_packing(**args[0], seed=0)
     envelope = jax.jit(mdsens.energy_sensitivity, static_argnums=0)
     tangents = {"small": {"diameters": jnp.array([1.0, 0.0])}, "compress": {"box": -jnp.eye(2)}}
     for point in range(4):
         for seed_index, seed in enumerate(config.seeds):
             s = systems.soft_sphere_packing(**args[point], seed=seed)
-            assert float(first.energy_fn(s.positions, s.params)) == float(s.energy_fn(s.positions, s.params))
+            assert float(first.energy(s.positions, s.params)) == float(s.energy(s.positions, s.params))
             sample = ds.isel(point=point, seed=seed_index)
-            grads = envelope(first.energy_fn, sample.positions.values, s.params)
+            grads = envelope(first, sample.positions.values, s.params)
             for name, value in grads.items():
                 np.testing.assert_allclose(sample[f"energy_grad_{name}"].values, value, rtol=1e-8, atol=1e-14)
                 np.testing.assert_array_equal(sample[f"param_{name}"].values, s.params[name])
             for name, entry in tangents.items():
                 tangent = {**jax.tree.map(jnp.zeros_like, s.params), **entry}
-                x, dx, info = mdsens.equilibrium_jvp(
-                    first.energy_fn, s.positions, s.params, tangent, shift_fn=first.shift_fn, dt_max=s.dt_max
-                )
+                x, dx, info = mdsens.equilibrium_jvp(first, s.params, tangent, positions=s.positions)
                 np.testing.assert_allclose(sample.positions.values, x, rtol=0, atol=1e-10)
                 np.testing.assert_allclose(sample.energy.item(), float(info.relax.energy), rtol=1e-9, atol=1e-16)
                 assert abs(sample.relax_n_steps.item() - int(info.relax.n_steps)) <= 0.1 * int(info.relax.n_steps)
@@ -230,7 +281,7 @@ def test_samples_equal_single_calls(reference):
                 assert sample.relax_fmax.item() <= 1e-12
                 got = sample.sel(sensitivity=name)
                 np.testing.assert_allclose(got.position_sensitivity.values, dx, rtol=1e-6, atol=1e-8 * np.abs(dx).max())
-                assert bool(got.solve_converged) and bool(info.solve.converged)
+                assert bool(got.solve_converged) and bool(info.solve.converged) and got.solve_status.item() == 0
                 assert got.solve_residual.item() <= 1e-10
                 assert abs(got.solve_iterations.item() - int(info.solve.iterations)) <= 3
                 expected = sum(float(jnp.vdot(tangent[k], grads[k])) for k in grads)
@@ -241,19 +292,42 @@ def test_samples_equal_single_calls(reference):
             assert sample.n_zero_modes.item() >= 2 and sample.n_zero_modes.item() % 2 == 0
 
 
+@pytest.mark.slow
 def test_results_file_is_a_labeled_dataset(reference):
     out, ds = reference
     with xr.open_dataset(out / "results.nc", engine="h5netcdf") as on_disk:
         on_disk = on_disk.load()
-    assert dict(on_disk.sizes) == {"point": 4, "seed": 4, "particle": 16, "spatial": 2, "spatial_b": 2,
-                                   "species": 2, "sensitivity": 2}
+    assert dict(on_disk.sizes) == {
+        "point": 4,
+        "seed": 4,
+        "particle": 16,
+        "spatial": 2,
+        "spatial_b": 2,
+        "species": 2,
+        "sensitivity": 2,
+    }
     assert on_disk.positions.dims == ("point", "seed", "particle", "spatial")
     assert on_disk.position_sensitivity.dims == ("point", "seed", "sensitivity", "particle", "spatial")
     assert on_disk.energy_grad_box.dims == ("point", "seed", "spatial", "spatial_b")
     assert on_disk.solve_iterations.dims == ("point", "seed", "sensitivity")
-    for name in ("relax_converged", "relax_fmax", "relax_n_steps", "relax_status", "solve_residual",
-                 "solve_iterations", "solve_converged", "energy", "energy_sensitivity", "n_zero_modes"):
+    for name in (
+        "relax_converged",
+        "relax_fmax",
+        "relax_n_steps",
+        "relax_status",
+        "solve_residual",
+        "solve_iterations",
+        "solve_converged",
+        "solve_status",
+        "energy",
+        "energy_sensitivity",
+        "n_zero_modes",
+    ):
         assert name in on_disk and on_disk[name].attrs["description"], name
+    # Status codes are named by mdsens.Status, every one of them.
+    for name in ("relax_status", "solve_status"):
+        assert on_disk[name].attrs["flag_meanings"].split() == [s.name for s in mdsens.Status]
+        np.testing.assert_array_equal(on_disk[name].attrs["flag_values"], [s.value for s in mdsens.Status])
     assert list(on_disk.sensitivity.values) == ["small", "compress"] and list(on_disk.seed.values) == [0, 1, 2, 3]
     assert list(on_disk.spatial.values) == ["x", "y"]
     np.testing.assert_array_equal(on_disk.phi.values, [0.85, 0.85, 0.95, 0.95])
@@ -268,16 +342,21 @@ def test_results_file_is_a_labeled_dataset(reference):
     assert sorted(p.name for p in (out / "chunks").iterdir()) == [f"chunk-{i:05d}.nc" for i in range(N_CHUNKS)]
 
 
+@pytest.mark.slow
 def test_changed_config_refuses_to_resume(reference):
     out, _ = reference
     changed = CONFIG.replace("[study]", "[relax]\nfmax = 1e-10\n\n[study]").replace("seeds = 4", "seeds = 3")
-    with pytest.raises(study.StudyResumeError, match=rf"output folder {out} holds a study with a different configuration "
-                       r"\(changed: relax.fmax, study.seeds\); refusing to resume"):
+    with pytest.raises(
+        study.StudyResumeError,
+        match=rf"output folder {out} holds a study with a different configuration "
+        r"\(changed: relax.fmax, study.seeds\); refusing to resume",
+    ):
         study.run(changed, out)
     # Comments and layout are not the configuration.
     assert study.run("# same study\n" + CONFIG, out).attrs["complete"] == 1
 
 
+@pytest.mark.slow
 def test_resume_recomputes_only_missing_chunks(reference, tmp_path):
     out, ds = reference
     copy = tmp_path / "copy"
@@ -296,6 +375,7 @@ def test_resume_recomputes_only_missing_chunks(reference, tmp_path):
     assert_bitwise_equal(again, resumed)
 
 
+@pytest.mark.slow
 def test_vmap_schedule_in_memory(reference):
     _, ds = reference
     plain = study.run(CONFIG.replace("chunk_size = 4", 'chunk_size = 4\nschedule = "vmap"'))  # out=None: no files
@@ -323,12 +403,12 @@ def cli(*args: str) -> list[str]:
 # between two chunks whatever the load of the machine.
 PAUSING_CLI = """
 import sys, time
-from mdsens import _study_io
-write = _study_io.StudyFolder.write_chunk
+from mdsens.study import store
+write = store.StudyFolder.write_chunk
 def write_and_pause(self, index, data):
     write(self, index, data)
     time.sleep(120)
-_study_io.StudyFolder.write_chunk = write_and_pause
+store.StudyFolder.write_chunk = write_and_pause
 from mdsens.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -338,6 +418,8 @@ def digest(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigkill_and_resume_on_four_devices(reference, config_path, tmp_path):
     """The CLI on four CPU devices, killed with SIGKILL once its first chunk is
     on disk (a half-written chunk left beside it), then run again: it resumes,
@@ -348,8 +430,9 @@ def test_sigkill_and_resume_on_four_devices(reference, config_path, tmp_path):
     out, cache = tmp_path / "killed", tmp_path / "jax-cache"
     env = subprocess_env(cache, JAX_NUM_CPU_DEVICES="4")
     args = ["study", str(config_path), "--out", str(out), "--no-progress"]
-    process = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSING_CLI, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     first = out / "chunks" / "chunk-00000.nc"
     deadline = time.monotonic() + 300
     while not first.exists():
@@ -382,6 +465,8 @@ def test_sigkill_and_resume_on_four_devices(reference, config_path, tmp_path):
     assert_same_results(resumed, ds)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.skipif(
     os.environ.get("MDSENS_TEST_MULTIHOST") != "1",
     reason="two more JAX processes (about a minute of CPU); set MDSENS_TEST_MULTIHOST=1 to run",
@@ -399,8 +484,13 @@ def test_two_processes_equal_one(reference, config_path, tmp_path):
     common = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--no-progress"]
     env = subprocess_env(tmp_path / "jax-cache", JAX_NUM_CPU_DEVICES="2")
     processes = [
-        subprocess.Popen(cli("study", str(config_path), "--out", str(out), *common, "--process-id", str(i)),
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            cli("study", str(config_path), "--out", str(out), *common, "--process-id", str(i)),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300) for p in processes]

@@ -1,8 +1,12 @@
 """The TOML configuration of a study: parsing, validation, canonical form.
 
-Pure Python (``tomllib``), no JAX: a bad configuration is reported before
-anything heavy is imported. Every error is a :class:`StudyConfigError` whose
-message names the offending key (``grid.phi[2]``, ``relax.fmax``...).
+Standard library only (``tomllib``), no JAX or numpy: a bad configuration is
+reported before anything heavy runs, and this module can be read on its own.
+Every error is a :class:`StudyConfigError` whose message names the offending
+key (``grid.phi[2]``, ``relax.fmax``...). The ``[relax]`` and ``[solve]``
+tables are the TOML surface of option values: :mod:`mdsens.study.plan` turns
+them into a minimiser (:class:`mdsens.FIRE`, :class:`mdsens.GradientDescent`)
+and an :class:`mdsens.Implicit` adjoint with its linear solver, once.
 
 Schema (every section but ``[system]`` is optional)::
 
@@ -25,14 +29,14 @@ Schema (every section but ``[system]`` is optional)::
     # [[points]]
     # phi = 0.84
 
-    [relax]                   # mdsens.relax options
-    method = "fire"           # or "gradient_descent"
+    [relax]                   # the minimiser
+    method = "fire"           # mdsens.FIRE, or "gradient_descent" (mdsens.GradientDescent)
     fmax = 1e-12
     max_steps = 100000
     # dt_max = 0.4            # default: the system's own
 
-    [solve]                   # linear solves of the sensitivities
-    solver = "cg"             # cg, minres, bicgstab, dense
+    [solve]                   # mdsens.Implicit: linear solves of the sensitivities
+    solver = "cg"             # cg, minres, bicgstab, dense: mdsens.CG, MINRES, BiCGSTAB, Dense
     rtol = 1e-10
     zero_modes = "auto"       # or "none"
 
@@ -62,17 +66,36 @@ INT, FLOAT, BOOL, FLOATS, FLOAT_OR_MATRIX = "int", "float", "bool", "floats", "f
 # builders that take it (the study itself batches all-pairs energies only).
 BUILDERS: dict[str, dict[str, str]] = {
     "soft_sphere_packing": {
-        "n": INT, "dim": INT, "phi": FLOAT, "diameters": FLOATS, "fractions": FLOATS,
-        "alpha": FLOAT, "epsilon": FLOAT, "per_particle_diameters": BOOL, "neighbor_list": BOOL,
+        "n": INT,
+        "dim": INT,
+        "phi": FLOAT,
+        "diameters": FLOATS,
+        "fractions": FLOATS,
+        "alpha": FLOAT,
+        "epsilon": FLOAT,
+        "per_particle_diameters": BOOL,
+        "neighbor_list": BOOL,
     },
     "lennard_jones": {
-        "n": INT, "dim": INT, "density": FLOAT, "sigma": FLOAT_OR_MATRIX,
-        "epsilon": FLOAT_OR_MATRIX, "fractions": FLOATS, "cutoff": FLOAT, "neighbor_list": BOOL,
+        "n": INT,
+        "dim": INT,
+        "density": FLOAT,
+        "sigma": FLOAT_OR_MATRIX,
+        "epsilon": FLOAT_OR_MATRIX,
+        "fractions": FLOATS,
+        "cutoff": FLOAT,
+        "neighbor_list": BOOL,
     },
     "kob_andersen": {"n": INT, "density": FLOAT, "neighbor_list": BOOL},
     "morse": {
-        "n": INT, "dim": INT, "density": FLOAT, "sigma": FLOAT_OR_MATRIX,
-        "epsilon": FLOAT_OR_MATRIX, "alpha": FLOAT, "fractions": FLOATS, "cutoff": FLOAT,
+        "n": INT,
+        "dim": INT,
+        "density": FLOAT,
+        "sigma": FLOAT_OR_MATRIX,
+        "epsilon": FLOAT_OR_MATRIX,
+        "alpha": FLOAT,
+        "fractions": FLOATS,
+        "cutoff": FLOAT,
         "neighbor_list": BOOL,
     },
     "lennard_jones_cluster": {"n": INT, "dim": INT, "sigma": FLOAT, "epsilon": FLOAT},
@@ -96,13 +119,17 @@ SECTIONS = ("study", "system", "grid", "points", "relax", "solve", "sensitivitie
 STUDY_KEYS = {"description": "str", "seeds": "seeds", "chunk_size": "positive_int", "schedule": SCHEDULES}
 RELAX_KEYS = {"method": RELAX_METHODS, "fmax": "positive", "max_steps": "positive_int", "dt_max": "positive"}
 SOLVE_KEYS = {
-    "solver": SOLVERS, "rtol": "positive", "atol": "non_negative", "max_iter": "positive_int",
-    "rcond": "positive", "zero_modes": ZERO_MODES,
+    "solver": SOLVERS,
+    "rtol": "positive",
+    "atol": "non_negative",
+    "max_iter": "positive_int",
+    "rcond": "positive",
+    "zero_modes": ZERO_MODES,
 }
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "study": {"description": "", "seeds": [0], "chunk_size": 32, "schedule": "compact"},
     "relax": {"method": "fire", "fmax": 1e-12, "max_steps": 100_000},
-    # Tolerances left out here take the defaults of mdsens.linear_solve.
+    # Tolerances left out here take the defaults of the solver values (mdsens.CG...).
     "solve": {"solver": "cg", "zero_modes": "auto"},
 }
 
@@ -124,9 +151,14 @@ def _unknown(source: str, key: str, allowed: Any) -> StudyConfigError:
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
 
 
 def _is_number(value: Any) -> bool:
@@ -179,7 +211,9 @@ def _check_value(source: str, key: str, kind: Any, value: Any) -> Any:
             raise _fail(source, key, f"expected a number or a square matrix (list of lists), got {value!r}.")
         if any(len(row) != len(value) for row in value):
             raise _fail(source, key, f"must be a square matrix; got rows of lengths {[len(r) for r in value]}.")
-        return [[_check_number(source, f"{key}[{i}][{j}]", v) for j, v in enumerate(row)] for i, row in enumerate(value)]
+        return [
+            [_check_number(source, f"{key}[{i}][{j}]", v) for j, v in enumerate(row)] for i, row in enumerate(value)
+        ]
     if kind == "seeds":
         if isinstance(value, int) and not isinstance(value, bool):
             if value < 1:
@@ -265,7 +299,7 @@ class StudyConfig:
         if self.grid:
             names = list(self.grid)
             combos = itertools.product(*(self.grid[name] for name in names))
-            return [{**self.system, **dict(zip(names, combo))} for combo in combos]
+            return [{**self.system, **dict(zip(names, combo, strict=True))} for combo in combos]
         if self.points:
             return [{**self.system, **point} for point in self.points]
         return [dict(self.system)]
@@ -282,8 +316,12 @@ class StudyConfig:
     def canonical(self) -> dict[str, Any]:
         """Plain dict of everything that determines the results (defaults filled in)."""
         data: dict[str, Any] = {
-            "study": {"description": self.description, "seeds": list(self.seeds), "chunk_size": self.chunk_size,
-                      "schedule": self.schedule},
+            "study": {
+                "description": self.description,
+                "seeds": list(self.seeds),
+                "chunk_size": self.chunk_size,
+                "schedule": self.schedule,
+            },
             "system": {"builder": self.builder, **self.system},
             "relax": dict(self.relax),
             "solve": dict(self.solve),
@@ -370,10 +408,12 @@ def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig
         points = []
         for i, point in enumerate(listed):
             point = _check_table(source, f"points[{i}]", point)
-            points.append({
-                name: _point_override(source, f"points[{i}].{name}", name, value, builder)
-                for name, value in point.items()
-            })
+            points.append(
+                {
+                    name: _point_override(source, f"points[{i}].{name}", name, value, builder)
+                    for name, value in point.items()
+                }
+            )
 
     if grid:
         varied = {name: (f"grid.{name}", values) for name, values in grid.items()}
@@ -412,16 +452,27 @@ def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig
         for param, value in tangent.items():
             if param not in allowed:
                 raise _fail(
-                    source, f"{key}.{param}",
+                    source,
+                    f"{key}.{param}",
                     f"{builder} has no parameter {param!r}; its params are {', '.join(allowed)}.",
                 )
             entries[param] = _tangent_value(source, f"{key}.{param}", value)
         sensitivities[name] = entries
 
     return StudyConfig(
-        builder=builder, system=system, grid=grid, points=points, seeds=tuple(study["seeds"]),
-        chunk_size=study["chunk_size"], schedule=study["schedule"], description=study["description"],
-        relax=relax, solve=solve, sensitivities=sensitivities, source=source, text=text,
+        builder=builder,
+        system=system,
+        grid=grid,
+        points=points,
+        seeds=tuple(study["seeds"]),
+        chunk_size=study["chunk_size"],
+        schedule=study["schedule"],
+        description=study["description"],
+        relax=relax,
+        solve=solve,
+        sensitivities=sensitivities,
+        source=source,
+        text=text,
     )
 
 
@@ -446,3 +497,16 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> li
         elif a != b:
             changed.append(name)
     return changed
+
+
+def as_config(config: StudyConfig | str | pathlib.Path | Mapping[str, Any]) -> StudyConfig:
+    """A :class:`StudyConfig` from itself, the path of a TOML file, TOML text or a dict."""
+    if isinstance(config, StudyConfig):
+        return config
+    if isinstance(config, pathlib.Path) or (
+        isinstance(config, str) and "\n" not in config and (config.endswith(".toml") or pathlib.Path(config).is_file())
+    ):
+        return load_config(config)
+    if isinstance(config, str):
+        return parse_config(config, source="<string>")
+    return parse_config(config, source="<dict>")

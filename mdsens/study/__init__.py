@@ -1,0 +1,36 @@
+"""Batched parameter studies: relaxations and sensitivities over a grid of
+parameters times seeds, on every device, resumable.
+
+A study (a TOML file, see :mod:`mdsens.study.config` for the schema) names a
+system builder of :mod:`mdsens.systems`, the arguments to vary (a ``[grid]``
+or a list of ``[[points]]``), the seeds, the minimiser and linear solver, and
+named forward-mode tangents. For every sample (point x seed) it records the
+relaxed positions, the energy, the sensitivity of every position to each named
+tangent, the relaxed-energy gradient with respect to every parameter (envelope
+theorem), and every diagnostic of the relaxation and the linear solves
+(:mod:`mdsens.study.schema`)::
+
+    from mdsens import study
+    ds = study.run("data/study_example.toml", out="out/study")   # xarray.Dataset
+    ds = study.load("out/study")                                 # later, or while it runs
+    plan = study.Plan.from_config("data/study_example.toml")     # what it would compute
+
+Points whose systems share one energy structure (same builder, N, dim,
+species and parameter shapes; the box and diameters are parameters, so a sweep
+over phi or size ratio is one group) are batched together
+(:mod:`mdsens.study.plan`): one compiled program relaxes a whole chunk,
+sharded over all devices, each member by the loop of :func:`mdsens.relax`
+(:mod:`mdsens.study.kernels`, :mod:`mdsens.study.runtime`). Chunks are written
+atomically as they finish, and a killed study resumes from them
+(:mod:`mdsens.study.store`).
+"""
+
+from mdsens.study.config import StudyConfig as StudyConfig
+from mdsens.study.config import StudyConfigError as StudyConfigError
+from mdsens.study.config import load_config as load_config
+from mdsens.study.config import parse_config as parse_config
+from mdsens.study.plan import Plan as Plan
+from mdsens.study.runtime import load as load
+from mdsens.study.runtime import run as run
+from mdsens.study.store import StudyError as StudyError
+from mdsens.study.store import StudyResumeError as StudyResumeError

@@ -1,0 +1,249 @@
+"""What a study records, defined once: every variable's name, dims, description
+and attributes, and the layout (sizes and labels) of one study.
+
+A sample's record is built by :func:`sample_record` from the core's results
+(:class:`mdsens.RelaxResult`, :class:`mdsens.SolveInfo`); chunk files and the
+assembled dataset take their dims and descriptions from here. Dims are listed
+after the leading ``sample`` of a chunk file or ``(point, seed)`` of the
+dataset. Status codes are those of :class:`mdsens.Status`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from mdsens._results import Status
+from mdsens.study import config as sc
+
+SPATIAL = ("x", "y", "z")
+ENERGY_GRAD, PARAM = "energy_grad_", "param_"  # prefixes of the per-parameter variables
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """A recorded variable: its dims, its description and, for those copied from
+    a result of the core, ``source`` = ``"relax.<field>"`` (a RelaxResult) or
+    ``"solve.<field>"`` (a SolveInfo, one per named sensitivity)."""
+
+    dims: tuple[str, ...]
+    description: str
+    source: str = ""
+
+
+def _status(what: str) -> str:
+    return f"why the {what} stopped, a mdsens.Status code: " + ", ".join(f"{s.value} {s.name}" for s in Status)
+
+
+VARIABLES: dict[str, Variable] = {
+    "positions": Variable(
+        ("particle", "spatial"), "relaxed positions x* (not wrapped into the box)", "relax.positions"
+    ),
+    "energy": Variable((), "relaxed energy E(x*)", "relax.energy"),
+    "relax_converged": Variable((), "relaxation reached fmax <= relax.fmax", "relax.converged"),
+    "relax_fmax": Variable((), "largest per-particle force norm at x*", "relax.fmax"),
+    "relax_n_steps": Variable((), "minimiser steps taken", "relax.n_steps"),
+    "relax_status": Variable((), _status("relaxation"), "relax.status"),
+    "n_zero_modes": Variable(
+        (), "zero modes of the Hessian at x* projected out (rattler coordinates + rigid-body modes)"
+    ),
+    "position_sensitivity": Variable(
+        ("sensitivity", "particle", "spatial"), "dx*/dtheta along each named tangent (minimum-norm)"
+    ),
+    "energy_sensitivity": Variable(("sensitivity",), "dE*/dtheta along each named tangent (envelope theorem)"),
+    "solve_residual": Variable(("sensitivity",), "true relative residual of the linear solve", "solve.residual"),
+    "solve_iterations": Variable(("sensitivity",), "iterations of the linear solve", "solve.iterations"),
+    "solve_converged": Variable(("sensitivity",), "the linear solve met its tolerance", "solve.converged"),
+    "solve_negative_curvature": Variable(
+        ("sensitivity",), "CG met negative curvature (a saddle, not a minimum)", "solve.negative_curvature"
+    ),
+    "solve_singular": Variable(
+        ("sensitivity",),
+        "CG met a direction in the numerical null space that the zero modes do not cover",
+        "solve.singular",
+    ),
+    "solve_lowest_curvature": Variable(
+        ("sensitivity",),
+        "CG: lowest Rayleigh quotient p^T H p / p^T p of its search directions (NaN: other solvers)",
+        "solve.lowest_curvature",
+    ),
+    "solve_status": Variable(("sensitivity",), _status("linear solve"), "solve.status"),
+}
+STATUS_VARIABLES = ("relax_status", "solve_status")
+
+# Variables of the assembled dataset that are not per sample (full dims).
+LABELS: dict[str, Variable] = {
+    "particle_species": Variable(("point", "particle"), "species of each particle (-1: padding)"),
+    "n_particles": Variable(("point",), "N of each point"),
+    "done": Variable(("point", "seed"), "this sample has been computed"),
+    "chunk_index": Variable(("point", "seed"), "chunk file that holds this sample (-1: not done)"),
+}
+
+
+def sample_record(
+    relax: Any,
+    n_zero_modes: Any,
+    energy_grads: Mapping[str, Any],
+    params: Mapping[str, Any],
+    solve: Any = None,
+    position_sensitivity: Any = None,
+    energy_sensitivity: Any = None,
+) -> dict[str, Any]:
+    """The record of one sample, named as in :data:`VARIABLES`: the fields of
+    ``relax`` (a RelaxResult) and ``solve`` (a SolveInfo batched over the named
+    sensitivities; None when there are none), the derived values, and per
+    parameter its value and the envelope-theorem gradient ``energy_grads``."""
+    sources = {"relax": relax, "solve": solve}
+    record = {}
+    for name, variable in VARIABLES.items():
+        if variable.source:
+            result, field = variable.source.split(".")
+            if sources[result] is not None:
+                record[name] = getattr(sources[result], field)
+    derived = {
+        "n_zero_modes": n_zero_modes,
+        "position_sensitivity": position_sensitivity,
+        "energy_sensitivity": energy_sensitivity,
+    }
+    record.update((name, value) for name, value in derived.items() if value is not None)
+    for name, value in energy_grads.items():
+        record[ENERGY_GRAD + name] = value
+        record[PARAM + name] = params[name]
+    return record
+
+
+def param_dims(name: str, ndim: int, per_particle: bool) -> list[str]:
+    """Dims of a parameter of the builders' systems."""
+    if name == "box":
+        return ["spatial", "spatial_b"]
+    if ndim == 0:
+        return []
+    if ndim == 1:
+        return ["particle" if per_particle else "species"]
+    if ndim == 2:
+        return ["species", "species_b"]
+    return [f"{name}_axis{k}" for k in range(ndim)]
+
+
+def attributes(name: str) -> dict[str, Any]:
+    """Description (and status flags) of a record variable."""
+    if name in VARIABLES:
+        attrs: dict[str, Any] = {"description": VARIABLES[name].description}
+    elif name.startswith(ENERGY_GRAD):
+        parameter = name[len(ENERGY_GRAD) :]
+        attrs = {"description": f"dE*/d{parameter} at x* (envelope theorem), every entry of the parameter"}
+    elif name.startswith(PARAM):
+        attrs = {"description": f"value of the parameter {name[len(PARAM) :]!r} of the sample's system"}
+    else:
+        raise KeyError(name)
+    if name in STATUS_VARIABLES:
+        attrs.update(
+            flag_values=np.array([s.value for s in Status], dtype=np.int32),
+            flag_meanings=" ".join(s.name for s in Status),
+        )
+    return attrs
+
+
+def fill_value(dtype: np.dtype) -> Any:
+    """What samples not (yet) computed hold."""
+    if dtype == np.bool_:
+        return False
+    if np.issubdtype(dtype, np.integer):
+        return -1
+    return np.nan
+
+
+@dataclasses.dataclass
+class Layout:
+    """Sizes and labels of one study, JSON-serialisable (kept in the manifest, so
+    a folder can be read without the system builders)."""
+
+    seeds: list[int]
+    sensitivities: list[str]
+    dim: int
+    n_particles: list[int]
+    species: list[list[int]]
+    point_group: list[int]
+    groups: list[dict[str, Any]]  # {"n", "param_dims": {name: dims}, "param_shapes": {name: shape}}
+    chunks: list[dict[str, Any]]  # {"group", "samples"}
+    coords: dict[str, dict[str, Any]]  # varied builder arguments: {"dims", "values"}
+    sizes: dict[str, int]
+
+    @classmethod
+    def from_plan(cls, plan: Any) -> Layout:
+        config = plan.config
+        groups = []
+        for group in plan.groups:
+            args = plan.point_args[group.points[0]]
+            per_particle = bool(args.get("per_particle_diameters", False))
+            groups.append(
+                {
+                    "n": group.n,
+                    "param_shapes": {k: list(v) for k, v in group.param_shapes.items()},
+                    "param_dims": {k: param_dims(k, len(v), per_particle) for k, v in group.param_shapes.items()},
+                }
+            )
+        n_particles = [plan.groups[g].n for g in plan.point_group]
+        species = [np.asarray(plan.groups[g].system.species).tolist() for g in plan.point_group]
+        n_species = max([1] + [max(s) + 1 for s in species])
+        for group in groups:
+            for name, dims in group["param_dims"].items():
+                for dim_name, size in zip(dims, group["param_shapes"][name], strict=True):
+                    if dim_name.startswith("species"):
+                        n_species = max(n_species, size)
+        coords = {}
+        kinds = sc.BUILDERS[config.builder]
+        for name in config.varied:
+            values = [args.get(name) for args in plan.point_args]
+            kind = kinds[name]
+            if any(v is None for v in values):  # [[points]] that leave it at the builder's default
+                coords[name] = {"dims": ["point"], "values": [json.dumps(v) for v in values]}
+            elif kind == sc.FLOATS:
+                n_species = max(n_species, max(len(v) for v in values))
+                coords[name] = {"dims": ["point", "species"], "values": values}
+            elif kind == sc.FLOAT_OR_MATRIX and all(isinstance(v, list) for v in values):
+                n_species = max(n_species, max(len(v) for v in values))
+                coords[name] = {"dims": ["point", "species", "species_b"], "values": values}
+            elif kind == sc.FLOAT_OR_MATRIX and any(isinstance(v, list) for v in values):
+                coords[name] = {"dims": ["point"], "values": [json.dumps(v) for v in values]}
+            else:
+                coords[name] = {"dims": ["point"], "values": values}
+        dim = plan.groups[0].dim
+        sizes = {
+            "point": plan.n_points,
+            "seed": plan.n_seeds,
+            "particle": max(n_particles),
+            "spatial": dim,
+            "spatial_b": dim,
+            "species": n_species,
+            "species_b": n_species,
+            "sensitivity": len(config.sensitivities),
+        }
+        return cls(
+            seeds=list(config.seeds),
+            sensitivities=list(config.sensitivities),
+            dim=dim,
+            n_particles=n_particles,
+            species=species,
+            point_group=plan.point_group.tolist(),
+            groups=groups,
+            chunks=[{"group": c.group, "samples": c.samples.tolist()} for c in plan.chunks],
+            coords=coords,
+            sizes=sizes,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dims(self, name: str, group: int) -> tuple[str, ...]:
+        """Dims of a record variable of the given group's samples."""
+        if name in VARIABLES:
+            return VARIABLES[name].dims
+        for prefix in (ENERGY_GRAD, PARAM):
+            if name.startswith(prefix):
+                return tuple(self.groups[group]["param_dims"][name[len(prefix) :]])
+        raise KeyError(name)
