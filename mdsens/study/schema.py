@@ -48,6 +48,9 @@ VARIABLES: dict[str, Variable] = {
     "relax_fmax": Variable((), "largest per-particle force norm at x*", "relax.fmax"),
     "relax_n_steps": Variable((), "minimiser steps taken", "relax.n_steps"),
     "relax_status": Variable((), _status("relaxation"), "relax.status"),
+    "relax_lowest_curvature": Variable(
+        (), "lowest curvature of the Hessian at x*, zero modes projected out (Lanczos)", "relax.lowest_curvature"
+    ),
     "n_zero_modes": Variable(
         (), "zero modes of the Hessian at x* projected out (rattler coordinates + rigid-body modes)"
     ),
