@@ -9,7 +9,7 @@ differentiation (:func:`equilibrium`). Options are values: minimisers
 
 Subpackages and modules: ``systems`` (builders, the energy protocol),
 ``neighbors``, ``observables``, ``jamming``, ``study``, ``linear_solve``,
-``zero_modes``, ``implicit``, ``testing``, ``plotting``.
+``zero_modes``, ``implicit``, ``curvature``, ``testing``, ``plotting``, ``figures``.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -36,9 +36,11 @@ from mdsens.systems.energy import Energy, EnergyFn
 Array = jax.Array
 
 
-def check_relaxed(result: RelaxResult, throw: bool) -> Array:
-    """Relaxed positions, or an error (``throw``) / NaN and a warning naming why
-    the relaxation failed: inside derivatives no diagnostics can be returned."""
+def check_relaxed(result: RelaxResult, throw: bool, x: Array | None = None) -> Array:
+    """``x`` (default: the relaxed positions), or an error (``throw``) / NaN and a
+    warning naming why the relaxation failed: inside derivatives no diagnostics
+    can be returned. The NaN multiplies ``x``, so that every derivative of it is
+    NaN too (a NaN state would instead mask pair terms and give zeros)."""
 
     def report(status: Any) -> None:
         status = np.atleast_1d(np.asarray(status))
@@ -55,7 +57,8 @@ def check_relaxed(result: RelaxResult, throw: bool) -> Array:
         warnings.warn(message + " Returning NaN.", RuntimeWarning, stacklevel=2)
 
     jax.debug.callback(report, result.status)
-    return result.positions if throw else jnp.where(result.converged, result.positions, jnp.nan)
+    x = result.positions if x is None else x
+    return x if throw else x * jax.lax.stop_gradient(jnp.where(result.converged, 1.0, jnp.nan))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +105,7 @@ class Implicit:
             return self.modes(energy.bind(args[1]), x, args[0])
 
         solved = custom_root(optimality, solve=self.solver, zero_modes=modes, throw=throw)(lambda x_star, args: x_star)
-        return solved(check_relaxed(result, throw), (params, aux)), result
+        return check_relaxed(result, throw, solved(result.positions, (params, aux))), result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +169,7 @@ class FiniteDifference:
             return x_star, jnp.tensordot(ravel_pytree(dp)[0], jax.vmap(modes.project)(jacobian), axes=1)
 
         result = relax_traced(energy, minimiser, positions, jax.lax.stop_gradient(params))[0]
-        return solution(check_relaxed(result, throw), params), result
+        return check_relaxed(result, throw, solution(result.positions, params)), result
 
 
 ADJOINTS = (Implicit, Unrolled, FiniteDifference)

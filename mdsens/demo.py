@@ -37,22 +37,19 @@ def run(n: int = 128, phi: float = 0.9, seed: int = 0, out: str = "out/demo") ->
     small_diameter["diameters"] = jnp.array([1.0, 0.0])
 
     start = time.perf_counter()
-    positions, sensitivity, info = mdsens.equilibrium_jvp(
-        system.energy_fn, system.positions, system.params, small_diameter,
-        shift_fn=system.shift_fn, dt_max=system.dt_max,
-    )
-    positions.block_until_ready()
+    x_star, dx, info = mdsens.equilibrium_jvp(system, system.params, small_diameter)
+    x_star.block_until_ready()
     seconds = time.perf_counter() - start
 
-    positions, sensitivity = np.asarray(positions), np.asarray(sensitivity)
+    positions, sensitivity = np.asarray(x_star), np.asarray(dx)
     np.save(out_dir / "positions.npy", positions)
     np.save(out_dir / "sensitivity.npy", sensitivity)
-    diameters = np.asarray(system.params["diameters"])[np.asarray(system.species)]
     figure = plotting.sensitivity_figure(
-        positions, diameters, np.asarray(system.species), np.diag(np.asarray(system.box)), sensitivity,
+        **plotting.packing_drawing(system, positions),
+        sensitivity=sensitivity,
         title=f"dx*/d(small diameter), N={n}, phi={phi}",
     )
-    figure.savefig(out_dir / "sensitivity.png", dpi=150)
+    plotting.save(figure, out_dir / "sensitivity.png", dpi=150)
 
     summary = {
         "system": {"n": n, "dim": 2, "phi": phi, "diameters": [1.0, 1.4], "seed": seed},

@@ -5,7 +5,9 @@ sweeps with seed spread, and power laws with fitted exponents."""
 from __future__ import annotations
 
 import itertools
+import pathlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -14,6 +16,35 @@ from matplotlib.collections import PatchCollection
 from matplotlib.patches import Circle
 
 SPECIES_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52")
+
+
+def packing_drawing(system: Any, positions: Any = None, diameters: Any = None) -> dict[str, Any]:
+    """The ``positions``, per-particle ``diameters``, ``species`` and ``box`` side
+    lengths of a :class:`~mdsens.System` with diameters (e.g. soft spheres), as
+    the keyword arguments of :func:`draw_packing` and :func:`sensitivity_figure`.
+
+    Args:
+        system: its species, box (diagonal, or None) and ``params["diameters"]``.
+        positions: ``(N, 2)`` (default: the system's start).
+        diameters: per species or per particle (default: the system's).
+    """
+    species = np.asarray(system.species)
+    diameters = np.asarray(system.params["diameters"] if diameters is None else diameters)
+    return {
+        "positions": np.asarray(system.positions if positions is None else positions),
+        "diameters": diameters if diameters.shape == species.shape else diameters[species],
+        "species": species,
+        "box": None if system.box is None else np.diag(np.asarray(system.box)),
+    }
+
+
+def save(figure: plt.Figure, path: str | pathlib.Path, dpi: int = 120) -> str:
+    """Write ``figure`` to ``path`` (folders created), close it, return the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return str(path)
 
 
 def draw_packing(
@@ -48,7 +79,7 @@ def draw_packing(
         shifts = [np.array(s) * box for s in itertools.product((-1, 0, 1), repeat=2)]
     patches, colors = [], []
     for shift in shifts:
-        for x, d, s in zip(positions + shift, diameters, species):
+        for x, d, s in zip(positions + shift, diameters, species, strict=True):
             if box is None or np.all((x + d / 2 > 0) & (x - d / 2 < box)):
                 patches.append(Circle(tuple(x), d / 2))
                 colors.append(SPECIES_COLORS[int(s) % len(SPECIES_COLORS)])
@@ -58,8 +89,15 @@ def draw_packing(
         if arrow_scale is None:
             arrow_scale = arrow_scale_for(arrows, diameters)
         ax.quiver(
-            positions[:, 0], positions[:, 1], arrows[:, 0] * arrow_scale, arrows[:, 1] * arrow_scale,
-            angles="xy", scale_units="xy", scale=1.0, width=0.004, color="k",
+            positions[:, 0],
+            positions[:, 1],
+            arrows[:, 0] * arrow_scale,
+            arrows[:, 1] * arrow_scale,
+            angles="xy",
+            scale_units="xy",
+            scale=1.0,
+            width=0.004,
+            color="k",
         )
     if box is not None:
         ax.set_xlim(0, box[0])
@@ -109,7 +147,8 @@ def sensitivity_comparison(
     (log scale, sorted) of every field."""
     fig, axes = plt.subplots(1, len(fields) + 1, figsize=(4.4 * (len(fields) + 1), 4.6))
     scale = arrow_scale_for(reference, diameters)
-    for ax, (label, field) in zip(axes, fields.items()):
+    # strict=False: the last axes are the error panel.
+    for ax, (label, field) in zip(axes, fields.items(), strict=False):
         draw_packing(ax, positions, diameters, species, box=box, arrows=field, arrow_scale=scale)
         ax.set_title(f"{label}\nmax error {np.max(np.abs(field - reference)):.1e}", fontsize=10)
     ax = axes[-1]
@@ -177,7 +216,7 @@ def design_figure(
         axes[1].plot(values, "o-", label=label)
     axes[1].set_xlabel("outer step")
     axes[1].legend(fontsize=8)
-    for ax, (label, (positions, diameters)) in zip(axes[2:], structures.items()):
+    for ax, (label, (positions, diameters)) in zip(axes[2:], structures.items(), strict=True):
         draw_packing(ax, positions, diameters, species, box=box)
         ax.set_title(label, fontsize=10)
     fig.suptitle(title)
@@ -192,7 +231,9 @@ def seed_band(ax: Axes, x: np.ndarray, samples: np.ndarray, label: str, color: s
     ax.fill_between(x, mean - spread, mean + spread, color=line.get_color(), alpha=0.25, lw=0)
 
 
-def sweep_figure(coordinates: Mapping[str, np.ndarray], observables: Mapping[str, np.ndarray], title: str) -> plt.Figure:
+def sweep_figure(
+    coordinates: Mapping[str, np.ndarray], observables: Mapping[str, np.ndarray], title: str
+) -> plt.Figure:
     """Observables of a two-parameter sweep: one row per coordinate (the x axis),
     one line per value of the other coordinate, one column per observable.
 
@@ -206,7 +247,7 @@ def sweep_figure(coordinates: Mapping[str, np.ndarray], observables: Mapping[str
     fig, axes = plt.subplots(2, len(observables), figsize=(3.8 * len(observables), 6.6), squeeze=False)
     for row, (x_name, group_name) in enumerate((names, names[::-1])):
         x, group = np.asarray(coordinates[x_name]), np.asarray(coordinates[group_name])
-        for ax, (label, samples) in zip(axes[row], observables.items()):
+        for ax, (label, samples) in zip(axes[row], observables.items(), strict=True):
             for value in np.unique(group):
                 members = np.flatnonzero(group == value)
                 members = members[np.argsort(x[members])]
@@ -231,7 +272,7 @@ def scaling_figure(
     ``c x^a`` with ``(a, uncertainty) = exponents[label]`` through the means."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     x = np.asarray(x)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         for i, (label, samples) in enumerate(panel.items()):
             color = f"C{i}"
             samples = np.asarray(samples)

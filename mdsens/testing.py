@@ -69,17 +69,10 @@ def dense_reference(
               H X2_{ab} = -(T[J_a, J_b] + H_{\\theta_b} J_a + H_{\\theta_a} J_b + g_{\\theta_a\\theta_b}),
 
     with ``T`` the third derivative of E in x and ``H_theta`` the derivative of
-    H in theta, solved with ``pinv(H)`` (minimum norm)."""
-    shape = positions.shape
-    theta, unravel = ravel_pytree(params)
-
-    def energy(x_flat: Array, t_flat: Array) -> Array:
-        return energy_fn(x_flat.reshape(shape), unravel(t_flat))
-
-    grad_x = jax.grad(energy, 0)
-    hessian_x = jax.jacfwd(grad_x, 0)
-    x = jnp.asarray(positions).reshape(-1)
-    H, g_t = (np.asarray(a) for a in jax.jit(lambda x, t: (hessian_x(x, t), jax.jacfwd(grad_x, 1)(x, t)))(x, theta))
+    H in theta, solved with ``pinv(H)`` (minimum norm). The second-order system
+    must be consistent (no right-hand side along the null space of ``H``, true
+    at a relaxed state with the minimum-norm ``J``): ``ValueError`` otherwise."""
+    H, g_t = (np.asarray(a) for a in _first_order(energy_fn, jnp.asarray(positions), params))
     H = 0.5 * (H + H.T)
     eigenvalues, vectors = np.linalg.eigh(H)
     pinv = np.linalg.pinv(H, rcond=rcond, hermitian=True)
@@ -87,6 +80,15 @@ def dense_reference(
     null_space = vectors[:, np.abs(eigenvalues) <= rcond * np.max(np.abs(eigenvalues))]
     X2 = None
     if second_order:
+        shape = positions.shape
+        theta, unravel = ravel_pytree(params)
+
+        def energy(x_flat: Array, t_flat: Array) -> Array:
+            return energy_fn(x_flat.reshape(shape), unravel(t_flat))
+
+        grad_x = jax.grad(energy, 0)
+        hessian_x = jax.jacfwd(grad_x, 0)
+        x = jnp.asarray(positions).reshape(-1)
         T, H_t, g_tt = (
             np.asarray(a)
             for a in jax.jit(
@@ -97,14 +99,41 @@ def dense_reference(
                 )
             )(x, theta)
         )
-        rhs = (
-            np.einsum("ijk,ja,kb->iab", T, J, J)
-            + np.einsum("ijb,ja->iab", H_t, J)
-            + np.einsum("ija,jb->iab", H_t, J)
-            + g_tt
+        terms = (
+            np.einsum("ijk,ja,kb->iab", T, J, J),
+            np.einsum("ijb,ja->iab", H_t, J),
+            np.einsum("ija,jb->iab", H_t, J),
+            g_tt,
         )
+        rhs = sum(terms)
+        inconsistency = np.linalg.norm(np.einsum("ik,iab->kab", null_space, rhs))
+        if inconsistency > 1e-9 * sum(np.linalg.norm(term) for term in terms):
+            raise ValueError(
+                "dense_reference: the second-order system has a right-hand side along the null space "
+                "of H, so no second derivative solves it (are the positions relaxed?)."
+            )
         X2 = -np.einsum("ij,jab->iab", pinv, rhs)
     return DenseReference(H, J, X2, eigenvalues, null_space)
+
+
+@jax.jit(static_argnums=0)
+def _first_order(energy_fn: Callable[[Array, Any], Array], positions: Array, params: Any) -> tuple[Array, Array]:
+    """``(H, d_theta grad_x E)`` as dense ``(n, n)`` and ``(n, P)`` matrices, built
+    column by column from Hessian-vector products and mixed products in batches
+    of 64 (memory O(64 n) beyond the result, also for all-pairs energies)."""
+    size = positions.size
+    theta, unravel = ravel_pytree(params)
+    gradient = jax.grad(energy_fn)
+
+    def hessian_column(e: Array) -> Array:
+        return jax.jvp(lambda x: gradient(x, params), (positions,), (e.reshape(positions.shape),))[1].reshape(-1)
+
+    def mixed_column(t: Array) -> Array:
+        return jax.jvp(lambda q: gradient(positions, unravel(q)), (theta,), (t,))[1].reshape(-1)
+
+    hessian = jax.lax.map(hessian_column, jnp.eye(size, dtype=positions.dtype), batch_size=64)
+    mixed = jax.lax.map(mixed_column, jnp.eye(theta.size, dtype=theta.dtype), batch_size=64)
+    return hessian.T, mixed.T
 
 
 def project(field: Any, null_space: np.ndarray) -> np.ndarray:

@@ -8,8 +8,10 @@ switches to a neighbor list above 2000 particles; ``--neighbor-list`` forces
 it). For one size (``--n N --dim D``) it measures, in this order:
 
 - ``build_s``: building the system (its neighbor list allocated at the start);
-- ``relax_s``, ``relax_steps``: ``mdsens.relax`` (FIRE to fmax 1e-12) from the
-  random start, compilation included; ``reallocations`` of the list on the way;
+- ``relax_s``, ``relax_steps``: FIRE to fmax 1e-12 from the random start
+  (``mdsens.relaxation.relax_on_host``, the loop of ``mdsens.relax``),
+  compilation included; ``list_reallocations`` of the list on the way and its
+  ``list_*`` diagnostics at the end (``energy.diagnostics``);
 - ``sensitivity_s``: ``mdsens.equilibrium_jvp`` from the relaxed state, i.e.
   dx*/d(small diameter) for every particle: list allocation, zero-mode
   detection and one CG solve, compilation included; ``cg_iterations``,
@@ -21,7 +23,7 @@ it). For one size (``--n N --dim D``) it measures, in this order:
   force with the relaxation's list (``force_relax_list_ms``: skin and spare
   capacity) and one rebuild of that list (``rebuild_ms``);
 - ``jacobi_*``: the same solve with Jacobi preconditioning, its diagonal
-  from the O(N) exact Hessian diagonal (``mdsens.hessian_diagonal``);
+  from the O(N) exact Hessian diagonal (``System.hessian_diagonal``);
 - ``peak_rss_mb`` (the process's peak resident memory), ``total_s`` and the
   load average before and after (``os.getloadavg``): other jobs share the
   cores, so times are noisy.
@@ -50,8 +52,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mdsens  # noqa: E402
-from mdsens import linear_solve, systems  # noqa: E402
-from mdsens.relaxation import relax_with_neighbors  # noqa: E402
+from mdsens import systems  # noqa: E402
+from mdsens.relaxation import check_minimiser, relax_on_host  # noqa: E402
 
 
 def load() -> list[float]:
@@ -101,36 +103,27 @@ def measure(n: int, dim: int, phi: float, seed: int, neighbor_list: bool | None,
     s = build(n, dim, phi, seed, neighbor_list)
     out["build_s"] = round(time.perf_counter() - start, 3)
     out["neighbor_list"] = s.neighbor_list
-    relax_kw = dict(shift_fn=s.shift_fn, dt_max=s.dt_max)
+    if s.neighbor_list:
+        out["capacity_start"] = s.energy.template.capacity
+    minimiser = check_minimiser(mdsens.FIRE(max_steps=max_steps), s)
 
     start = time.perf_counter()
-    if s.neighbor_list:
-        options = {
-            "fmax": jnp.asarray(1e-12),
-            "max_steps": jnp.asarray(max_steps, jnp.int32),
-            "dt_max": jnp.asarray(s.dt_max),
-        }
-        diagnostics: dict = {}
-        result, _ = relax_with_neighbors(
-            s.energy_fn, s.positions, s.params, shift_fn=s.shift_fn, method="fire", options=options,
-            diagnostics=diagnostics,
-        )
-        out["capacity_start"] = s.energy_fn.template.capacity
-        out.update({f"list_{k}": v for k, v in diagnostics.items()})
-    else:
-        result = mdsens.relax(s.energy_fn, s.positions, s.params, max_steps=max_steps, **relax_kw)
+    result, aux, reallocations = relax_on_host(s.energy, minimiser, s.positions, s.params)
     jax.block_until_ready(result)
     out["relax_s"] = round(time.perf_counter() - start, 3)
     out["relax_steps"] = int(result.n_steps)
     out["relax_fmax"] = float(result.fmax)
     out["relax_reason"] = result.reason
+    if s.neighbor_list:
+        out["list_reallocations"] = reallocations
+        out.update({f"list_{k}": v for k, v in s.energy.diagnostics(aux).items()})
     x_star = result.positions
     out["rss_after_relax_mb"] = round(peak_rss_mb(), 1)
     print(json.dumps(out), file=sys.stderr, flush=True)
 
     tangent = small_tangent(s)
     start = time.perf_counter()
-    x, dx, info = mdsens.equilibrium_jvp(s.energy_fn, x_star, s.params, tangent, max_steps=max_steps, **relax_kw)
+    _, dx, info = mdsens.equilibrium_jvp(s, s.params, tangent, positions=x_star, minimiser=minimiser)
     jax.block_until_ready(dx)
     out["sensitivity_s"] = round(time.perf_counter() - start, 3)
     out["cg_iterations"] = int(info.solve.iterations)
@@ -139,7 +132,7 @@ def measure(n: int, dim: int, phi: float, seed: int, neighbor_list: bool | None,
     out["sensitivity_max_abs"] = float(jnp.max(jnp.abs(dx)))
     # The same again, compiled: (re)allocation, zero modes and the solve.
     start = time.perf_counter()
-    again = mdsens.equilibrium_jvp(s.energy_fn, x_star, s.params, tangent, max_steps=max_steps, **relax_kw)
+    again = mdsens.equilibrium_jvp(s, s.params, tangent, positions=x_star, minimiser=minimiser)
     jax.block_until_ready(again)
     out["sensitivity_warm_s"] = round(time.perf_counter() - start, 3)
     out["warm_ms_per_cg_iteration"] = round(1e3 * out["sensitivity_warm_s"] / max(out["cg_iterations"], 1), 3)
@@ -150,21 +143,19 @@ def measure(n: int, dim: int, phi: float, seed: int, neighbor_list: bool | None,
     # it, from its cell list, as rebuild_ms).
     v = jax.random.normal(jax.random.PRNGKey(2), x_star.shape, x_star.dtype)
     calls = {}
+    start = time.perf_counter()
+    frozen = s.energy.freeze(x_star, s.params)
+    energy = s.energy.bind(frozen)
     if s.neighbor_list:
-        start = time.perf_counter()
-        frozen = s.energy_fn.freeze(x_star, s.params)
         out["freeze_s"] = round(time.perf_counter() - start, 3)
         out["pairs_frozen"] = int(frozen.n_pairs)
-        energy = s.energy_fn.bind(frozen)
-        relax_list = s.energy_fn.allocate(x_star, s.params)
-        relax_energy = s.energy_fn.bind(relax_list)
+        relax_list = s.energy.allocate(x_star, s.params)
+        relax_energy = s.energy.bind(relax_list)
         fractional = relax_list.pairs.reference_position
         calls["force_relax_list_ms"] = (jax.jit(lambda y, p: -jax.grad(relax_energy)(y, p)), (x_star, s.params))
         # Timed on its own: it sweeps through far more memory than the others.
         rebuild = jax.jit(lambda pairs, f: pairs.update(f))
         out.update(best_ms({"rebuild_ms": (rebuild, (relax_list.pairs, fractional))}, rounds=5))
-    else:
-        energy = s.energy_fn
     calls["force_ms"] = (jax.jit(lambda y, p: -jax.grad(energy)(y, p)), (x_star, s.params))
     hvp = jax.jit(lambda y, p, v: jax.jvp(lambda z: jax.grad(energy)(z, p), (y,), (v,))[1])
     calls["hvp_ms"] = (hvp, (x_star, s.params, v))
@@ -174,13 +165,11 @@ def measure(n: int, dim: int, phi: float, seed: int, neighbor_list: bool | None,
 
     if jacobi:
         start = time.perf_counter()
-        diagonal = jax.jit(lambda y, p: mdsens.hessian_diagonal(s.energy_fn, y, p))(x_star, s.params)
-        jax.block_until_ready(diagonal)
+        diagonal = jax.block_until_ready(s.hessian_diagonal(x_star))
         out["hessian_diagonal_s"] = round(time.perf_counter() - start, 3)
-        solver = linear_solve.cg(preconditioner=linear_solve.jacobi(diagonal))
         start = time.perf_counter()
         _, dx_j, info_j = mdsens.equilibrium_jvp(
-            s.energy_fn, x_star, s.params, tangent, solver=solver, max_steps=max_steps, **relax_kw
+            s, s.params, tangent, positions=x_star, minimiser=minimiser, adjoint=jacobi_cg(diagonal)
         )
         jax.block_until_ready(dx_j)
         out["jacobi_sensitivity_s"] = round(time.perf_counter() - start, 3)
@@ -197,23 +186,29 @@ def measure(n: int, dim: int, phi: float, seed: int, neighbor_list: bool | None,
     return out
 
 
+def jacobi_cg(diagonal: jax.Array) -> mdsens.Implicit:
+    """Implicit differentiation with CG preconditioned by the Hessian's diagonal."""
+    return mdsens.Implicit(solver=mdsens.CG(preconditioner=mdsens.Jacobi(diagonal)))
+
+
 def jamming_sweep(
     n: int, dim: int, phis: list[float], seed: int, neighbor_list: bool | None, max_steps: int
 ) -> list[dict]:
     """CG iterations with and without Jacobi preconditioning as phi approaches jamming."""
     rows = []
+    minimiser = mdsens.FIRE(max_steps=max_steps)
     for phi in phis:
         s = build(n, dim, phi, seed, neighbor_list)
-        relax_kw = dict(shift_fn=s.shift_fn, dt_max=s.dt_max, max_steps=max_steps)
-        r = mdsens.relax(s.energy_fn, s.positions, s.params, **relax_kw)
+        r = mdsens.relax(s, minimiser=minimiser)
         tangent = small_tangent(s)
         row = {"n": n, "dim": dim, "phi": phi, "relax_steps": int(r.n_steps), "relax_reason": r.reason, "load": load()}
-        _, dx, info = mdsens.equilibrium_jvp(s.energy_fn, r.positions, s.params, tangent, **relax_kw)
-        diagonal = mdsens.hessian_diagonal(s.energy_fn, r.positions, s.params)
+        _, dx, info = mdsens.equilibrium_jvp(s, s.params, tangent, positions=r.positions, minimiser=minimiser)
+        diagonal = s.hessian_diagonal(r.positions)
         d = np.asarray(diagonal)
         row["diagonal_spread"] = float(np.max(d) / np.min(d[d > 0]))
-        solver = linear_solve.cg(preconditioner=linear_solve.jacobi(diagonal))
-        _, dx_j, info_j = mdsens.equilibrium_jvp(s.energy_fn, r.positions, s.params, tangent, solver=solver, **relax_kw)
+        _, dx_j, info_j = mdsens.equilibrium_jvp(
+            s, s.params, tangent, positions=r.positions, minimiser=minimiser, adjoint=jacobi_cg(diagonal)
+        )
         row.update(
             cg_iterations=int(info.solve.iterations),
             jacobi_cg_iterations=int(info_j.solve.iterations),
@@ -233,8 +228,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2)
     parser.add_argument("--phi", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--neighbor-list", choices=("auto", "on", "off"), default="on",
-                        help="neighbor list at every size (on, default), the builders' rule (auto) or all pairs (off)")
+    parser.add_argument(
+        "--neighbor-list",
+        choices=("auto", "on", "off"),
+        default="on",
+        help="neighbor list at every size (on, default), the builders' rule (auto) or all pairs (off)",
+    )
     parser.add_argument("--no-jacobi", action="store_true", help="skip the preconditioned solve")
     parser.add_argument("--max-steps", type=int, default=200_000)
     parser.add_argument("--sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000])
@@ -254,8 +253,20 @@ def main() -> None:
     runs = [(n, 2) for n in args.sizes] + [(n, 3) for n in args.dim3]
     results = []
     for n, dim in runs:
-        command = [sys.executable, __file__, "--n", str(n), "--dim", str(dim), "--seed", str(args.seed),
-                   "--neighbor-list", args.neighbor_list, "--max-steps", str(args.max_steps)]
+        command = [
+            sys.executable,
+            __file__,
+            "--n",
+            str(n),
+            "--dim",
+            str(dim),
+            "--seed",
+            str(args.seed),
+            "--neighbor-list",
+            args.neighbor_list,
+            "--max-steps",
+            str(args.max_steps),
+        ]
         if args.no_jacobi:
             command.append("--no-jacobi")
         done = subprocess.run(command, capture_output=True, text=True)

@@ -1,118 +1,27 @@
 #!/usr/bin/env python3
-r"""Figure: a parameter study of bidisperse soft-disc packings.
+"""Figure: a parameter study of bidisperse soft-disc packings
+(:mod:`mdsens.figures.parameter_study`). ``--size small`` runs a tiny study;
+``--size full`` opens ``--study`` (default ``out/study_example``), running
+``--config`` (default ``data/study_example.toml``) there first if it holds no
+finished result. Writes ``study.png`` to ``--out`` and prints a JSON summary.
 
-Opens a study result (``mdsens.study``; ``data/study_example.toml`` is packing
-fraction phi x diameter ratio, two seeds) and plots, against phi and against the
-diameter ratio, the seed mean with a +-1 standard-deviation band of:
-
-- the pressure ``p = -dE*/dV = -(1/(dim V)) tr(B^T dE*/dB)`` from the recorded
-  relaxed-energy gradient with respect to the box matrix B (envelope theorem);
-- the relaxed energy per particle;
-- the rms sensitivity ``sqrt(<|dx_i*/dd_small|^2>)`` of the positions to the
-  small diameter (the study's ``small_diameter`` tangent);
-- the number of zero modes of H beyond the dim rigid translations (dim per rattler).
-
-``--size small`` runs a tiny study (N=16, 2 x 2 points, 2 seeds) into a
-temporary folder; ``--size full`` opens ``--study`` (default
-``out/study_example``), running ``data/study_example.toml`` there first if it
-holds no finished result (the run resumes from finished chunks).
-
-Writes ``study.png`` to ``--out``; prints a JSON summary.
+    python scripts/figure_study.py --size full --out notebooks/figures
 """
 
-from __future__ import annotations
-
 import pathlib
-import tempfile
-from collections.abc import Sequence
 
 import jax
 
-jax.config.update("jax_enable_x64", True)
-import numpy as np  # noqa: E402
-
-from mdsens import study  # noqa: E402
-import _figure_cli as figure_cli
+jax.config.update("jax_enable_x64", True)  # before mdsens creates any array
+from mdsens.figures import command_line, parameter_study  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "data" / "study_example.toml"
-# A tiny study for --size small (the test suite): N=16, 2 x 2 points, 2 seeds in
-# one chunk with one compiled vmapped loop, and the one tangent plotted.
-SMALL = {
-    "study": {"description": "tiny study", "seeds": 2, "chunk_size": 8, "schedule": "vmap"},
-    "system": {"builder": "soft_sphere_packing", "n": 16, "dim": 2, "diameters": [1.0, 1.4],
-               "fractions": [0.5, 0.5], "alpha": 2.0, "epsilon": 1.0},
-    "grid": {"phi": [0.88, 0.94], "diameters": [[1.0, 1.2], [1.0, 1.4]]},
-    "relax": {"method": "fire", "fmax": 1e-12, "max_steps": 100_000},
-    "solve": {"solver": "cg", "rtol": 1e-10, "zero_modes": "auto"},
-    "sensitivities": {"small_diameter": {"diameters": [1.0, 0.0]}},
-}
-
-
-def open_study(size: str, folder: str | None):
-    """The study's Dataset: the tiny one run now, or the example's (loaded, or run and resumable)."""
-    if size == "small":
-        return study.run(SMALL, out=pathlib.Path(tempfile.mkdtemp()) / "study")
-    folder = pathlib.Path(folder or ROOT / "out" / "study_example")
-    if (folder / "results.nc").exists():
-        return study.load(folder)
-    return study.run(EXAMPLE, out=folder, progress=True)
-
-
-def observables(ds) -> dict[str, np.ndarray]:
-    """Per-sample observables, each ``(point, seed)``."""
-    box = ds["param_box"].values  # (point, seed, dim, dim), columns are box vectors
-    dim = box.shape[-1]
-    volume = np.abs(np.linalg.det(box))
-    # dE*/dV for a uniform dilation B -> (1 + eps) B: d/deps = tr(B^T dE/dB) = dim V dE/dV.
-    dilation = np.einsum("psij,psij->ps", box, ds["energy_grad_box"].values)
-    sensitivity = ds["position_sensitivity"].sel(sensitivity="small_diameter").values  # (point, seed, N, dim)
-    n = ds["n_particles"].values[:, None]
-    return {
-        "pressure": -dilation / (dim * volume),
-        "energy per particle": ds["energy"].values / n,
-        "rms |dx*/d(small diameter)|": np.sqrt(np.mean(np.sum(sensitivity**2, axis=-1), axis=-1)),
-        "zero modes beyond translations": ds["n_zero_modes"].values - dim,
-    }
-
-
-def run(size: str = "full", out: str = "out/figures", study_folder: str | None = None) -> dict:
-    """Open (or run) the study, draw ``study.png`` into ``out`` and return the summary."""
-    import matplotlib.pyplot as plt
-
-    from mdsens import plotting
-
-    ds = open_study(size, study_folder)
-    diameters = ds["diameters"].values  # (point, species)
-    coordinates = {"phi": ds["phi"].values, "diameter ratio": diameters[:, 1] / diameters[:, 0]}
-    values = observables(ds)
-    out_dir = pathlib.Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = int(ds["n_particles"].values[0])
-    title = f"{ds.attrs['builder']}, N={n}: {ds.sizes['point']} points x {ds.sizes['seed']} seeds"
-    figure = plotting.sweep_figure(coordinates, values, title=title)
-    figure.savefig(out_dir / "study.png", dpi=120)
-    plt.close(figure)
-    return {
-        "samples": int(ds["energy"].size),
-        "all_relaxed": bool(ds["relax_converged"].values.all()),
-        "all_solved": bool(ds["solve_converged"].values.all()),
-        "coordinates": {name: value.tolist() for name, value in coordinates.items()},
-        "seed_mean": {name: value.mean(axis=1).tolist() for name, value in values.items()},
-        # One sample in full, for checks: point 0, seed 0.
-        "first_sample": {
-            "positions": ds["positions"].values[0, 0].tolist(),
-            "diameters": diameters[0][ds["particle_species"].values[0]].tolist(),
-            "box": ds["param_box"].values[0, 0].tolist(),
-            "pressure": float(values["pressure"][0, 0]),
-        },
-        "figures": [str(out_dir / "study.png")],
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    figure_cli.main(__doc__, run, ("small", "full"), argv, {"--study": {"default": None, "help": "study folder (full size; default out/study_example)"}})
-
 
 if __name__ == "__main__":
-    main()
+    command_line.main(
+        parameter_study,
+        {
+            "--study": {"dest": "folder", "default": ROOT / "out" / "study_example", "help": "study folder"},
+            "--config": {"default": ROOT / "data" / "study_example.toml", "help": "study configuration (TOML)"},
+        },
+    )

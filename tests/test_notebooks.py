@@ -49,6 +49,13 @@ def test_notebook_stored_without_outputs(path: pathlib.Path) -> None:
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear outputs before committing"
 
 
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebook_imports_the_package(path: pathlib.Path) -> None:
+    code = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code")
+    assert "sys.path" not in code and "from mdsens.figures import" in code
+
+
+@pytest.mark.notebook
 def test_sensitivity_notebook(tmp_path, kernel) -> None:
     s = execute("01_sensitivity.ipynb", tmp_path, kernel)
     assert s["relax"]["converged"] and s["relax"]["fmax"] <= 1e-12
@@ -61,6 +68,7 @@ def test_sensitivity_notebook(tmp_path, kernel) -> None:
     assert error["unrolled"] >= 100 * error["implicit"]
 
 
+@pytest.mark.notebook
 def test_precision_notebook(tmp_path, kernel) -> None:
     s = execute("02_jacobian_precision.ipynb", tmp_path, kernel)
     rows = s["rows"]
@@ -84,6 +92,7 @@ def harmonic_pressure(positions: np.ndarray, diameters: np.ndarray, box_sides: n
     return float(pair.sum() / (2.0 * np.prod(box_sides)))
 
 
+@pytest.mark.notebook
 def test_inverse_design_notebook(tmp_path, kernel) -> None:
     s = execute("04_inverse_design.ipynb", tmp_path, kernel)
     loss = [step["loss"] for step in s["history"]]
@@ -96,6 +105,7 @@ def test_inverse_design_notebook(tmp_path, kernel) -> None:
     assert abs(pressure / s["target_pressure"] - 1.0) <= 1e-3
 
 
+@pytest.mark.notebook
 def test_parameter_study_notebook(tmp_path, kernel) -> None:
     s = execute("03_parameter_study.ipynb", tmp_path, kernel)
     assert s["samples"] == 8 and s["all_relaxed"] and s["all_solved"]
@@ -114,7 +124,7 @@ def test_parameter_study_notebook(tmp_path, kernel) -> None:
         assert np.all(np.diff(pressure[members[np.argsort(phi[members])]]) > 0)
 
 
-
+@pytest.mark.notebook
 def test_jamming_notebook(tmp_path, kernel) -> None:
     s = execute("05_jamming_moduli.ipynb", tmp_path, kernel)
     assert s["all_states_converged"]
@@ -128,4 +138,3 @@ def test_jamming_notebook(tmp_path, kernel) -> None:
         assert abs(s["exponents"][quantity]["exponent"] - slope) <= 1e-9
     # Pressure is linear in the distance to jamming (O'Hern et al. 2003).
     assert abs(s["exponents"]["pressure"]["exponent"] - 1.0) <= 0.1
-
