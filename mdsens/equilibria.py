@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from mdsens._checks import require_x64
+from mdsens._checks import check_positions, require_x64
 from mdsens.adjoints import ADJOINTS, Adjoint, Implicit
 from mdsens.linear_solve import SolveInfo
 from mdsens.minimisers import FIRE, Minimiser
@@ -123,11 +123,15 @@ def _vjp_at(energy: Energy, adjoint: Implicit, result: RelaxResult, aux: Any, pa
     return result.positions, dparams, EquilibriumInfo(result, info)
 
 
-def _with_info_inputs(caller: str, system: System, params: Any, positions: Any, minimiser: Any, adjoint: Any):
+def _relaxed_for_derivative(
+    caller: str, system: System, params: Any, positions: Any, minimiser: Any, adjoint: Any
+) -> tuple[Any, RelaxResult, Any]:
+    """Checked ``params``, the relaxation and the ``aux`` to differentiate with."""
     require_x64(caller)
     positions, params = system.inputs(positions, params)
     _check_adjoint(adjoint, (Implicit,))
-    return positions, params, check_minimiser(minimiser, system)
+    result, aux = relaxed_state(system.energy, check_minimiser(minimiser, system), positions, params)
+    return params, result, aux
 
 
 def equilibrium_jvp(
@@ -146,9 +150,8 @@ def equilibrium_jvp(
     arrays, a neighbor-list energy relaxes on the host (reallocating its list
     if needed) and solves with a list frozen at x*.
     """
-    positions, params, minimiser = _with_info_inputs("mdsens.equilibrium_jvp", system, params, positions, minimiser, adjoint)
     tangent = system.check_params(tangent, "tangent")
-    result, aux = relaxed_state(system.energy, minimiser, positions, params)
+    params, result, aux = _relaxed_for_derivative("mdsens.equilibrium_jvp", system, params, positions, minimiser, adjoint)
     return _jvp_at(system.energy, adjoint, result, aux, params, tangent)
 
 
@@ -168,9 +171,10 @@ def equilibrium_vjp(
     solve gives the derivative with respect to every parameter (e.g. all N
     per-particle diameters). Never raises on failure: check ``info``.
     """
-    positions, params, minimiser = _with_info_inputs("mdsens.equilibrium_vjp", system, params, positions, minimiser, adjoint)
-    cotangent = system.check_positions(cotangent, "cotangent")
-    result, aux = relaxed_state(system.energy, minimiser, positions, params)
+    cotangent = check_positions(cotangent, "cotangent")
+    if cotangent.shape != system.positions.shape:
+        raise ValueError(f"cotangent must have the shape of the positions {system.positions.shape}; got {cotangent.shape}.")
+    params, result, aux = _relaxed_for_derivative("mdsens.equilibrium_vjp", system, params, positions, minimiser, adjoint)
     return _vjp_at(system.energy, adjoint, result, aux, params, cotangent)
 
 

@@ -133,13 +133,16 @@ class Jacobi:
         return inverse * r
 
 
+@dataclasses.dataclass(frozen=True)
 class _Iterative:
-    """Shared fields and checks of the Krylov solvers."""
+    """Shared fields and checks of the Krylov solvers: stop when
+    ``|r| <= max(rtol |b|, atol)`` or after ``max_iter`` iterations (default
+    ``10 * len(b)``); an optional preconditioner."""
 
-    rtol: float
-    atol: float
-    max_iter: int | None
-    preconditioner: Jacobi | None
+    rtol: float = 1e-10
+    atol: float = 0.0
+    max_iter: int | None = None
+    preconditioner: Jacobi | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -164,9 +167,7 @@ class _Iterative:
 
 @option()
 class CG(_Iterative):
-    """Conjugate gradients for symmetric positive (semi-)definite ``A``: stop
-    when ``|r| <= max(rtol |b|, atol)`` or after ``max_iter`` iterations
-    (default ``10 * len(b)``); optionally preconditioned.
+    """Conjugate gradients for symmetric positive (semi-)definite ``A``.
 
     Curvatures are judged relative to the largest Rayleigh quotient seen so
     far, ``s ~ |A|``: a search direction with ``p^T A p < -null_rtol s |p|^2``
@@ -176,10 +177,6 @@ class CG(_Iterative):
     no zero-mode projection covers) and ends the solve as ``singular``: CG
     cannot give the minimum-norm answer there; :class:`Dense` can."""
 
-    rtol: float = 1e-10
-    atol: float = 0.0
-    max_iter: int | None = None
-    preconditioner: Jacobi | None = None
     null_rtol: float = 1e-9
 
     def __post_init__(self) -> None:
@@ -223,11 +220,6 @@ class CG(_Iterative):
 class MINRES(_Iterative):
     """MINRES (Paige and Saunders 1975) for symmetric, possibly indefinite ``A``.
     The preconditioner, if any, must be symmetric positive definite."""
-
-    rtol: float = 1e-10
-    atol: float = 0.0
-    max_iter: int | None = None
-    preconditioner: Jacobi | None = None
 
     def __call__(self, matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
         A, precondition, b, tol = self._setup(matvec, b, project)
@@ -275,11 +267,6 @@ class MINRES(_Iterative):
 class BiCGSTAB(_Iterative):
     """BiCGSTAB (van der Vorst 1992) for non-symmetric ``A``, e.g. optimality
     conditions that are not the gradient of an energy."""
-
-    rtol: float = 1e-10
-    atol: float = 0.0
-    max_iter: int | None = None
-    preconditioner: Jacobi | None = None
 
     def __call__(self, matvec: MatVec, b: Array, project: Projector = _identity) -> tuple[Array, SolveInfo]:
         A, precondition, b, tol = self._setup(matvec, b, project)

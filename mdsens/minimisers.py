@@ -53,12 +53,16 @@ def _safe_norm(v: Array) -> Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
 class _Minimiser:
-    """Fields and termination shared by the minimisers."""
+    """Fields and termination shared by the minimisers: the force tolerance
+    ``fmax`` (ASE's: stop when ``max_i |F_i| <= fmax``), the step budget
+    ``max_steps`` (running out is not an error: the result says so), and the
+    largest step ``dt_max`` (None: the system's stable one)."""
 
-    fmax: float
-    max_steps: int
-    dt_max: float | None
+    fmax: float = 1e-12
+    max_steps: int = 100_000
+    dt_max: float | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -95,17 +99,11 @@ class FIRE(_Minimiser):
     """FIRE 2.0 with semi-implicit Euler integration and unit masses
     (Guénolé et al., Comput. Mater. Sci. 175, 109584, 2020, Algorithm 2).
 
-    Args:
-        fmax: force tolerance, as in ASE: stop when ``max_i |F_i| <= fmax``.
-        max_steps: most steps (running out is not an error: the result says so).
-        dt_max: largest time step; None takes the system's stable ``dt_max``.
+    Args (besides ``fmax``, ``max_steps``, ``dt_max``):
         dt_start, dt_min: first and smallest time step, as fractions of ``dt_max``.
         n_delay, f_inc, f_dec, alpha_start, f_alpha: FIRE 2.0's constants.
     """
 
-    fmax: float = 1e-12
-    max_steps: int = 100_000
-    dt_max: float | None = None
     dt_start: float = 0.1
     dt_min: float = 0.02
     n_delay: int = 20
@@ -174,9 +172,6 @@ class GradientDescent(_Minimiser):
     ``0.1 dt_max`` and steps are capped at ``10 dt_max``, so that loosely bound
     particles cannot be flung away."""
 
-    fmax: float = 1e-12
-    max_steps: int = 100_000
-    dt_max: float | None = None
     grow: float = 1.2
     shrink: float = 0.5
 
