@@ -45,10 +45,11 @@ class EquilibriumInfo:
     solve: SolveInfo
 
 
-def _check_adjoint(adjoint: Any, allowed: tuple[type, ...] = ADJOINTS) -> None:
+def check_adjoint(adjoint: Any, allowed: tuple[type, ...] = ADJOINTS, caller: str = "mdsens") -> None:
+    """``ValueError`` unless ``adjoint`` is a value of one of the ``allowed`` methods."""
     if not isinstance(adjoint, allowed):
         names = ", ".join(f"mdsens.{cls.__name__}(...)" for cls in allowed)
-        raise ValueError(f"adjoint must be one of {names}; got {adjoint!r}.")
+        raise ValueError(f"{caller}: adjoint must be one of {names}; got {adjoint!r}.")
 
 
 @jax.jit(static_argnums=(0, 1, 2, 3))
@@ -70,7 +71,7 @@ def equilibrium_with_info(
     of steps)."""
     require_x64("mdsens.equilibrium")
     positions, params = system.inputs(positions, params)
-    _check_adjoint(adjoint)
+    check_adjoint(adjoint, caller="mdsens.equilibrium")
     if not isinstance(throw, bool):
         raise ValueError(f"throw must be True or False; got {throw!r}.")
     return _equilibrium(system.energy, adjoint, check_minimiser(minimiser, system), throw, positions, params)
@@ -129,7 +130,7 @@ def _relaxed_for_derivative(
     """Checked ``params``, the relaxation and the ``aux`` to differentiate with."""
     require_x64(caller)
     positions, params = system.inputs(positions, params)
-    _check_adjoint(adjoint, (Implicit,))
+    check_adjoint(adjoint, (Implicit,), caller)
     result, aux = relaxed_state(system.energy, check_minimiser(minimiser, system), positions, params)
     return params, result, aux
 
@@ -184,7 +185,7 @@ def sensitivity_at(
     """``dx*[tangent]`` at an already relaxed state ``positions`` (no
     relaxation), and the solve's diagnostics; traceable (a neighbor list is
     built there with the energy's build-time capacity)."""
-    _check_adjoint(adjoint, (Implicit,))
+    check_adjoint(adjoint, (Implicit,), "mdsens.sensitivity_at")
     energy_fn = system.energy.bind(system.energy.build(positions, params))
     return adjoint.jvp(energy_fn, positions, params, tangent)
 

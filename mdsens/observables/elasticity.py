@@ -40,7 +40,7 @@ import numpy as np
 from mdsens import zero_modes as zm
 from mdsens._checks import require_x64
 from mdsens.adjoints import Implicit
-from mdsens.equilibria import equilibrium
+from mdsens.equilibria import check_adjoint, equilibrium
 from mdsens.implicit import enforce, root_jvp
 from mdsens.linear_solve import CG, SolveInfo
 from mdsens.minimisers import FIRE, Minimiser
@@ -265,11 +265,6 @@ def _stiffness(
     return _assemble(full, dim) / v, _assemble(born, dim) / v, strain_gradient(x, a0) / v, info
 
 
-def _check_adjoint(adjoint: Any, caller: str) -> None:
-    if not isinstance(adjoint, Implicit):
-        raise ValueError(f"{caller}: adjoint must be mdsens.Implicit(...) (a solver and zero modes); got {adjoint!r}.")
-
-
 def elastic_response(
     system: System,
     positions: Array,
@@ -288,7 +283,7 @@ def elastic_response(
     """
     require_x64("mdsens.observables.elastic_response")
     check_deformable(system, "elastic_response")
-    _check_adjoint(adjoint, "elastic_response")
+    check_adjoint(adjoint, (Implicit,), "elastic_response")
     positions, params = system.inputs(positions, params)
     result, aux = relaxed_state(system.energy, check_minimiser(minimiser, system), positions, params)
     c, born, stress, info = _stiffness(system.energy, adjoint, None, result.positions, params, aux)
@@ -335,7 +330,7 @@ def elastic_moduli(
     """
     require_x64("mdsens.observables.elastic_moduli")
     check_deformable(system, "elastic_moduli")
-    _check_adjoint(adjoint, "elastic_moduli")
+    check_adjoint(adjoint, (Implicit,), "elastic_moduli")
     if not isinstance(throw, bool):
         raise ValueError(f"throw must be True or False; got {throw!r}.")
     positions, params = system.inputs(positions, params)
