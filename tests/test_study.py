@@ -292,6 +292,32 @@ def test_samples_equal_single_calls(reference):
             assert sample.n_zero_modes.item() >= 2 and sample.n_zero_modes.item() % 2 == 0
 
 
+def test_physics_of_every_sample(reference):
+    """Pressure from the virial stress against the envelope theorem's box
+    gradient, ``p = -sum_ij (dE*/dB_ij) B_ij / (dim V)`` (the box scaled
+    uniformly: an independent route); the number density and size ratio from
+    the parameters; contact numbers of rattler-free packings at least isostatic;
+    and "pressure against phi with seed spread" in one line of xarray."""
+    _, ds = reference
+    box, grad_box = ds.param_box.values, ds.energy_grad_box.values
+    volume = np.linalg.det(box)
+    envelope = -np.einsum("psij,psij->ps", grad_box, box) / (2 * volume)
+    np.testing.assert_allclose(ds.pressure.values, envelope, rtol=1e-9)
+    np.testing.assert_allclose(ds.pressure.values, -np.trace(ds.stress.values, axis1=-2, axis2=-1) / 2, rtol=1e-12)
+    np.testing.assert_allclose(ds.number_density.values, 16 / volume, rtol=1e-12)
+    d = ds.param_diameters.values
+    np.testing.assert_allclose(ds.size_ratio.values, d.max(axis=-1) / d.min(axis=-1), rtol=1e-12)
+    assert np.all(ds.pressure.values > 0)  # every grid point is above jamming at N = 16
+    # Jammed (p > 0) periodic packings are at least isostatic: N_c >= dim (N' - 1) among the N' non-rattlers.
+    assert np.all((ds.n_rattlers.values >= 0) & (ds.n_rattlers.values < 16))
+    backbone = 16 - ds.n_rattlers.values
+    assert np.all(ds.contact_number.values >= 2 * 2 * (backbone - 1) / backbone - 1e-12)
+    spread = ds.pressure.groupby("phi").mean(...), ds.pressure.groupby("phi").std(...)
+    assert spread[0].sizes["phi"] == 2 and np.all(spread[1].values >= 0)
+    for name in ("pressure", "stress", "contact_number", "n_rattlers", "number_density", "size_ratio"):
+        assert ds[name].attrs["description"]
+
+
 @pytest.mark.slow
 def test_results_file_is_a_labeled_dataset(reference):
     out, ds = reference

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from mdsens import observables
 from mdsens.adjoints import Implicit
 from mdsens.equilibria import energy_sensitivity, sensitivity_at
 from mdsens.relaxation import iterate, outcome, start
@@ -107,17 +108,40 @@ class Kernels:
             x = result.positions
             grads = energy_sensitivity(system, x, p)
             n_zero_modes = adjoint.modes(system.energy.bind(aux), x, p).n_modes
+            state = physics(system, x, p)
             if not n_tangents:
-                return schema.sample_record(result, n_zero_modes, grads, p)
+                return schema.sample_record(result, n_zero_modes, grads, p, physics=state)
             # Padding members get a zero tangent: their solves stop at once.
             scaled = jax.tree.map(lambda t: t * is_valid, tangents)
             dx, info = jax.vmap(lambda t: sensitivity_at(system, x, p, t, adjoint=adjoint))(scaled)
             de = sum(jnp.tensordot(tangents[name], grads[name], axes=grads[name].ndim) for name in grads)
             return schema.sample_record(
-                result, n_zero_modes, grads, p, solve=info, position_sensitivity=dx, energy_sensitivity=de
+                result, n_zero_modes, grads, p, solve=info, position_sensitivity=dx, energy_sensitivity=de, physics=state
             )
 
         return jax.vmap(one)(state, params, valid)
+
+
+def physics(system: System, x: jax.Array, params: dict) -> dict[str, jax.Array]:
+    """What a physicist looks at first, for every sample: with a periodic box the
+    stress, pressure and number density; with diameters the contact number,
+    the rattler count and the size ratio."""
+    values: dict[str, jax.Array] = {}
+    if "box" in params:
+        stress = observables.stress(system, x, params)
+        values.update(
+            stress=stress,
+            pressure=-jnp.trace(stress) / system.dim,
+            number_density=system.n / observables.volume(params),
+        )
+    if "diameters" in params:
+        contact_matrix = observables.contacts(system, x, params)
+        values.update(
+            contact_number=observables.contact_number(system, x, params),
+            n_rattlers=jnp.sum(observables.rattlers(contact_matrix, system.dim)).astype(jnp.int32),
+            size_ratio=jnp.max(params["diameters"]) / jnp.min(params["diameters"]),
+        )
+    return values
 
 
 _KERNELS: dict[tuple, Kernels] = {}

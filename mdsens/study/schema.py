@@ -75,6 +75,13 @@ VARIABLES: dict[str, Variable] = {
         "solve.lowest_curvature",
     ),
     "solve_status": Variable(("sensitivity",), _status("linear solve"), "solve.status"),
+    # Physics of the relaxed state (systems with a periodic box / with diameters).
+    "pressure": Variable((), "pressure -tr(stress)/dim at x* (positive: the packing pushes on the box)"),
+    "stress": Variable(("spatial", "spatial_b"), "virial stress tensor (1/V) dE/d(strain) at x*"),
+    "number_density": Variable((), "N / V, particles per volume (area in 2D) of the box"),
+    "contact_number": Variable((), "mean contacts per particle z = 2 N_c / N' among non-rattlers"),
+    "n_rattlers": Variable((), "particles with fewer than dim + 1 contacts, removed recursively"),
+    "size_ratio": Variable((), "largest over smallest diameter"),
 }
 STATUS_VARIABLES = ("relax_status", "solve_status")
 
@@ -95,11 +102,13 @@ def sample_record(
     solve: Any = None,
     position_sensitivity: Any = None,
     energy_sensitivity: Any = None,
+    physics: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record of one sample, named as in :data:`VARIABLES`: the fields of
     ``relax`` (a RelaxResult) and ``solve`` (a SolveInfo batched over the named
-    sensitivities; None when there are none), the derived values, and per
-    parameter its value and the envelope-theorem gradient ``energy_grads``."""
+    sensitivities; None when there are none), the derived values, the
+    ``physics`` of the relaxed state (see :func:`mdsens.study.kernels.physics`),
+    and per parameter its value and the envelope-theorem gradient ``energy_grads``."""
     sources = {"relax": relax, "solve": solve}
     record = {}
     for name, variable in VARIABLES.items():
@@ -113,6 +122,7 @@ def sample_record(
         "energy_sensitivity": energy_sensitivity,
     }
     record.update((name, value) for name, value in derived.items() if value is not None)
+    record.update(physics or {})
     for name, value in energy_grads.items():
         record[ENERGY_GRAD + name] = value
         record[PARAM + name] = params[name]
