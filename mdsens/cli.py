@@ -13,11 +13,13 @@ import json
 import os
 import pathlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 import jax
 
 from mdsens import study
+from mdsens.study import store
 
 STUDY_HELP = """\
 Run a batched parameter study described in a TOML file: relax every point of a
@@ -32,8 +34,21 @@ Batches are sharded over all devices. A CPU counts as one device per core
 --distributed (Slurm, Open MPI: detected) or with --coordinator,
 --num-processes and --process-id.
 
+One run at a time holds DIR (DIR/study.lock names it); a second is refused.
+On resume every chunk is checked against its sha256 checksum and the
+configuration: a damaged or foreign chunk is computed again, with a warning.
+
+Exit status: 0 when every sample converged; 3 when some relaxation or linear
+solve failed (the last line on stderr counts them by reason; what needs a
+converged state, such as their sensitivities, is NaN in the results); 2 for an error
+(configuration, output folder, disk full: finished chunks are kept); 130 when
+interrupted.
+
 Example configuration: data/study_example.toml. Open the results with
 xarray.open_dataset("DIR/results.nc") or mdsens.study.load("DIR")."""
+
+#: Exit status of ``mdsens study`` when some samples failed (see STUDY_HELP).
+EXIT_FAILED_SAMPLES = 3
 
 
 def _cache_dir_default() -> str:
@@ -209,6 +224,10 @@ def _study(args: argparse.Namespace, argv: Sequence[str], own_process: bool) -> 
         return _fail("study", str(error))
     if args.cpu_devices is not None and args.cpu_devices < 1:
         return _fail("study", f"--cpu-devices must be >= 1; got {args.cpu_devices}.")
+    try:
+        store.check_out(args.out)
+    except study.StudyError as error:
+        return _fail("study", str(error))
 
     distributed = None
     explicit = {
@@ -231,7 +250,10 @@ def _study(args: argparse.Namespace, argv: Sequence[str], own_process: bool) -> 
         if args.dry_run:
             print(json.dumps(_plan_summary(study.Plan.from_config(config)), indent=2))
             return 0
-        dataset = study.run(config, args.out, progress=not args.no_progress, log=log)
+        with warnings.catch_warnings():
+            # mdsens's warnings (a stale lock taken over, a chunk computed again) as one line each.
+            warnings.showwarning = lambda message, *_, **__: log(f"mdsens study: warning: {message}")
+            dataset = study.run(config, args.out, progress=not args.no_progress, log=log)
     except (study.StudyConfigError, study.StudyError) as error:
         return _fail("study", str(error))
     except KeyboardInterrupt:
@@ -252,8 +274,10 @@ def _study(args: argparse.Namespace, argv: Sequence[str], own_process: bool) -> 
     if "solve_converged" in dataset:
         summary["solves_converged"] = int(dataset.solve_converged.sum())
         summary["solves"] = int(dataset.solve_converged.size)
+    summary["failed_samples"] = int(dataset.attrs["failed_samples"])
     print(json.dumps(summary, indent=2))
-    return 0
+    # study.run logged the failed samples as the last line of stderr.
+    return EXIT_FAILED_SAMPLES if summary["failed_samples"] else 0
 
 
 def _plan_summary(plan: study.Plan) -> dict:

@@ -313,6 +313,11 @@ class StudyConfig:
             return list(dict.fromkeys(name for point in self.points for name in point))
         return []
 
+    @property
+    def dim(self) -> int:
+        """The spatial dimension of every point (the builder's default if not given)."""
+        return self.point_args()[0].get("dim", DEFAULT_DIM.get(self.builder, 3))
+
     def canonical(self) -> dict[str, Any]:
         """Plain dict of everything that determines the results (defaults filled in)."""
         data: dict[str, Any] = {

@@ -10,19 +10,30 @@ stages, progress, and resuming from the chunks on disk.
   batch of half the size (powers of two, so few programs compile) and carried
   on with their full minimiser state. ``schedule = "vmap"`` runs one stage per
   chunk (for comparison).
-- Results are written chunk by chunk (:mod:`mdsens.study.store`); a killed
-  study resumes from the chunks on disk. A chunk is computed by one program
-  from its inputs alone, so a resumed study has the numbers of an
-  uninterrupted one, bit for bit, on the same devices. Batches of another size
+- Before anything is built or compiled, the memory of a chunk's batch of
+  all-pairs energies is estimated (:func:`check_memory`); a study that would
+  not fit is refused with the ``chunk_size`` that fits.
+- A chunk's batch holds at most as many members as its group has samples, so
+  a large ``chunk_size`` pads nothing.
+- Results are written chunk by chunk (:mod:`mdsens.study.store`) into a locked
+  folder; a killed study resumes from the chunks on disk. A chunk is computed
+  by one program from its inputs alone, so a resumed study has the numbers of
+  an uninterrupted one, bit for bit, on the same devices. Batches of another size
   (another number of devices, the other schedule, a single run) round
   differently and agree to about 1e-12.
+- Samples whose relaxation or a linear solve failed are counted and reported
+  (the dataset's ``failed_samples``), and hold NaN where nothing was computed
+  from a converged state (:func:`mdsens.study.store.failure_policy`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import pathlib
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,12 +46,22 @@ from mdsens._checks import require_x64
 from mdsens.study import store
 from mdsens.study.config import StudyConfig, StudyConfigError, as_config
 from mdsens.study.kernels import kernels
-from mdsens.study.plan import Chunk, Plan, chunk_inputs
+from mdsens.study.plan import Chunk, Group, Plan, chunk_inputs
 from mdsens.study.schema import Layout
 from mdsens.study.store import StudyError, StudyFolder
 
 BROADCAST_TIMEOUT_MS = 3_600_000
 _BROADCASTS = itertools.count()
+
+#: float64 values per particle pair and spatial dimension that one batch member
+#: of an all-pairs energy needs: ``PAIR_VALUES + PAIR_VALUES_PER_SENSITIVITY * K``
+#: for K named sensitivities. Measured (XLA's memory analysis on CPU) for the
+#: largest program of a chunk, the one that computes the sensitivities: 44 N^2
+#: values per member in 2D and 72 in 3D with one sensitivity, 67 in 2D with four.
+PAIR_VALUES, PAIR_VALUES_PER_SENSITIVITY = 20, 4
+#: Fraction of the memory that a chunk's batch may take: the host's (or its
+#: cgroup's) for CPU devices, which share it, or each accelerator's own.
+MEMORY_FRACTION = 0.5
 
 
 def _next_power_of_two(n: int) -> int:
@@ -95,6 +116,60 @@ class Runtime:
         """Members per device: a chunk is padded to a multiple of the device count."""
         return -(-chunk_size // self.n_devices)
 
+    def memory(self) -> tuple[float, int] | None:
+        """Bytes a chunk's batch may take, and how many of this process's devices
+        share them (None: unknown)."""
+        local = [d for d in self.mesh.devices.flat if d.process_index == self.process_index]
+        if local[0].platform == "cpu":
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            with contextlib.suppress(OSError):  # a container's or a Slurm job's limit ("max": none)
+                cgroup = pathlib.Path("/sys/fs/cgroup/memory.max").read_text().strip()
+                total = min(total, int(cgroup)) if cgroup.isdigit() else total
+            return MEMORY_FRACTION * total, len(local)
+        limit = (local[0].memory_stats() or {}).get("bytes_limit")
+        return (MEMORY_FRACTION * limit, 1) if limit else None
+
+
+def batch_size(plan: Plan, group: Group) -> int:
+    """Members of each chunk's batch: the chunk size, or the group's number of samples if smaller."""
+    return min(plan.config.chunk_size, len(group.points) * plan.n_seeds)
+
+
+def check_memory(config: StudyConfig, runtime: Runtime) -> None:
+    """Refuse, before anything is built, a study whose batches of all-pairs
+    energies would not fit in memory: a member needs about ``8 * N^2 * dim *
+    (PAIR_VALUES + PAIR_VALUES_PER_SENSITIVITY * K)`` bytes, a batch
+    ``min(chunk_size, samples)`` members."""
+    budget = runtime.memory()
+    if budget is None:
+        return
+    available, sharing = budget
+    samples: dict[int, int] = {}
+    for args in config.point_args():
+        samples[args["n"]] = samples.get(args["n"], 0) + len(config.seeds)
+    values = PAIR_VALUES + PAIR_VALUES_PER_SENSITIVITY * len(config.sensitivities)
+    for n, count in sorted(samples.items(), reverse=True):
+        member = 8 * n * n * config.dim * values
+        members = min(config.chunk_size, count)
+        need = runtime.local_batch(members) * sharing * member
+        if need <= available:
+            continue
+        fits = int(available // (member * sharing)) * runtime.n_devices
+        gib = 2.0**30
+        systems = f"{members} system{'s' * (members > 1)} of N = {n} particles"
+        where = f"a batch of {systems} needs about {need / gib:.3g} GiB"
+        if fits >= 1:
+            advice = f"set study.chunk_size to at most {fits}"
+        else:
+            advice = (
+                "even one system does not fit: studies sum all pairs (memory grows as N^2); for this N use a "
+                "system built with neighbor_list=True and mdsens.relax / mdsens.equilibrium_jvp directly"
+            )
+        raise StudyError(
+            f"{config.source or 'study'}: {where} (all pairs), more than the {available / gib:.3g} GiB allowed "
+            f"({MEMORY_FRACTION:.0%} of the memory of {sharing} device(s)); {advice}."
+        )
+
 
 def run_chunk(plan: Plan, chunk: Chunk, runtime: Runtime) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Relax and differentiate one chunk: host arrays of its samples, and
@@ -104,7 +179,7 @@ def run_chunk(plan: Plan, chunk: Chunk, runtime: Runtime) -> tuple[dict[str, np.
     config = plan.config
     group = plan.groups[chunk.group]
     k = kernels(plan, group, runtime.mesh)
-    local_batch = runtime.local_batch(config.chunk_size)
+    local_batch = runtime.local_batch(batch_size(plan, group))
     start = time.perf_counter()
     positions, params, valid = chunk_inputs(plan, chunk, local_batch * runtime.n_devices)
     minimiser = runtime.put(group.minimiser, batched=False)
@@ -157,11 +232,16 @@ def run(
         out: output folder. Chunks are written to ``out/chunks/`` as they finish
             and the dataset to ``out/results.nc``; if the folder holds an
             unfinished run of the same configuration it is resumed, if it holds
-            a different configuration a :class:`StudyError` is raised. None:
-            compute in memory only.
+            a different configuration, or another run holds it, a
+            :class:`StudyError` is raised. None: compute in memory only.
         progress: show a progress bar (tqdm) over chunks.
         devices: the devices to shard over (default all devices of all processes).
-        log: called with one-line messages (resume state, where results went).
+        log: called with one-line messages (resume state, where results went,
+            failed samples); None: failed samples are reported by a ``RuntimeWarning``.
+
+    The dataset's ``attrs["failed_samples"]`` counts the samples whose
+    relaxation or a linear solve failed; they hold NaN sensitivities and energy
+    gradients (:func:`mdsens.study.store.failure_policy`).
 
     Needs ``jax.config.update("jax_enable_x64", True)``. With several processes
     (``jax.distributed.initialize``), every process calls ``run`` with the same
@@ -170,7 +250,6 @@ def run(
     """
     require_x64("mdsens.study.run")
     config = as_config(config)
-    log = log or (lambda message: None)
     runtime = Runtime(devices)
     is_writer = runtime.process_index == 0
 
@@ -186,16 +265,35 @@ def run(
             raise failure or StudyError("process 0 could not use the output folder; see its error message.")
         return result
 
-    # The folder is checked before anything is built or computed.
-    folder = None
-    if out is not None:
-        folder = on_writer(lambda: StudyFolder(out).check_before_plan(config))
+    # Memory and folder are checked before anything is built or computed.
+    on_writer(lambda: check_memory(config, runtime))
+    folder = on_writer(lambda: StudyFolder(out).open(config)) if out is not None else None
     try:
-        plan = Plan.from_config(config)
-    except StudyConfigError:
+        dataset = _run(config, out, folder, runtime, on_writer, progress, log or (lambda message: None))
+    finally:
         if folder is not None:
-            folder.discard_if_new()
-        raise
+            folder.close()
+    report = store.failure_report(dataset) if dataset is not None else None
+    if report and log:
+        log(report)
+    elif report:
+        warnings.warn(report, RuntimeWarning, stacklevel=2)
+    return dataset
+
+
+def _run(
+    config: StudyConfig,
+    out: str | pathlib.Path | None,
+    folder: StudyFolder | None,
+    runtime: Runtime,
+    on_writer: Callable[[Callable[[], Any]], Any],
+    progress: bool,
+    log: Callable[[str], None],
+) -> Any:
+    """The body of :func:`run`, with the folder open (``folder`` None: in memory,
+    or not process 0)."""
+    is_writer = runtime.process_index == 0
+    plan = Plan.from_config(config)
     layout = Layout.from_plan(plan)
     study = store.manifest(config, layout)
     done_mask = np.zeros(len(plan.chunks), dtype=bool)
@@ -204,7 +302,7 @@ def run(
         done_mask[sorted(done)] = True
     done_mask = runtime.broadcast(done_mask)
     pending = [c for c in plan.chunks if not done_mask[c.index]]
-    if folder is not None and not pending and folder.results_path.exists():
+    if folder is not None and not pending and folder.complete():
         log(f"{out}: the study is already complete")
         return folder.load()
 
