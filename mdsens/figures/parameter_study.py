@@ -51,14 +51,11 @@ SMALL = {
 
 
 def open_study(size: str, folder: str | pathlib.Path, config: str | pathlib.Path) -> Any:
-    """The study's Dataset: the tiny one run now, or the one in ``folder``
-    (loaded, or ``config`` run there, resumably)."""
+    """The study's Dataset: the tiny one run now, or ``config`` run in ``folder``
+    (resumed, and returned at once when complete, its files checked)."""
     if size == "small":
         return study.run(SMALL, out=pathlib.Path(tempfile.mkdtemp()) / "study")
-    folder = pathlib.Path(folder)
-    if (folder / "results.nc").exists():
-        return study.load(folder)
-    return study.run(config, out=folder, progress=True)
+    return study.run(config, out=pathlib.Path(folder), progress=True)
 
 
 def sample_observables(ds: Any) -> dict[str, np.ndarray]:

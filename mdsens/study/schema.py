@@ -75,7 +75,9 @@ VARIABLES: dict[str, Variable] = {
         "solve.lowest_curvature",
     ),
     "solve_status": Variable(("sensitivity",), _status("linear solve"), "solve.status"),
-    # Physics of the relaxed state (systems with a periodic box / with diameters).
+    # Physics of the relaxed state (systems with a periodic box / with diameters);
+    # NaN (-1 for counts) when the relaxation failed, as every value not computed
+    # at a converged state (mdsens.study.store.failure_policy).
     "pressure": Variable((), "pressure -tr(stress)/dim at x* (positive: the packing pushes on the box)"),
     "stress": Variable(("spatial", "spatial_b"), "virial stress tensor (1/V) dE/d(strain) at x*"),
     "number_density": Variable((), "N / V, particles per volume (area in 2D) of the box"),
