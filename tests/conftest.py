@@ -13,11 +13,9 @@ jax.config.update("jax_enable_x64", True)
 
 import pytest  # noqa: E402
 
-from mdsens import RelaxResult, relax  # noqa: E402
-from mdsens import systems  # noqa: E402
-from mdsens.systems import System  # noqa: E402
+from mdsens import RelaxResult, System, relax, systems  # noqa: E402
 
-# Names of the session-scoped system fixtures; "<name>_relaxed" is the FIRE result.
+# Names of the session-scoped system fixtures; any_relaxed holds their FIRE results.
 SYSTEM_NAMES = ("soft_sphere_2d", "soft_sphere_3d", "kob_andersen", "morse", "lj_cluster")
 
 
@@ -26,18 +24,6 @@ class Relaxed:
     name: str
     system: System
     result: RelaxResult
-
-
-def relax_system(system: System, **kwargs) -> RelaxResult:
-    """FIRE (unless overridden) from the builder's start with the system's dt_max."""
-    return relax(
-        system.energy_fn,
-        system.positions,
-        system.params,
-        shift_fn=system.shift_fn,
-        dt_max=system.dt_max,
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +66,8 @@ def relaxed_cache() -> dict[str, RelaxResult]:
 
 @pytest.fixture(scope="session")
 def any_relaxed(any_system: tuple[str, System], relaxed_cache: dict[str, RelaxResult]) -> Relaxed:
+    """FIRE with the defaults (fmax 1e-12, the system's dt_max) from the builder's start."""
     name, system = any_system
     if name not in relaxed_cache:
-        relaxed_cache[name] = relax_system(system)
+        relaxed_cache[name] = relax(system)
     return Relaxed(name, system, relaxed_cache[name])

@@ -1,10 +1,11 @@
 """Tests of the implicit-differentiation core on problems with known answers:
-root_jvp, root_vjp, custom_root, custom_fixed_point, the linear solvers (cg,
-minres, bicgstab, dense, jacobi) and the zero modes (detect, ZeroModes.project).
+root_jvp, root_vjp, custom_root, custom_fixed_point, the linear solvers (CG,
+MINRES, BiCGSTAB, Dense, Jacobi) and the zero modes (detect, ZeroModes.project).
 
 Oracles: closed-form solutions differentiated by ordinary autodiff
-(``jnp.linalg.solve``), numpy's solve and pseudo-inverse, and the null space of
-the dense Hessian from ``numpy.linalg.eigh``.
+(``jnp.linalg.solve``), numpy's solve and pseudo-inverse of small matrices,
+the dense reference of :mod:`mdsens.testing`, and the null space of the dense
+Hessian from ``numpy.linalg.eigh``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,20 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from mdsens import custom_fixed_point, custom_root, linear_solve, root_jvp, root_vjp  # noqa: E402
+from mdsens import (  # noqa: E402
+    CG,
+    MINRES,
+    BiCGSTAB,
+    Dense,
+    Jacobi,
+    SolveInfo,
+    custom_fixed_point,
+    custom_root,
+    root_jvp,
+    root_vjp,
+)
 from mdsens import zero_modes as zm  # noqa: E402
-from mdsens.linear_solve import SolveInfo  # noqa: E402
+from mdsens.testing import dense_reference  # noqa: E402
 
 N = 12
 
@@ -64,12 +76,7 @@ def run(solver, A: np.ndarray, b: Any, project=None):
     return jax.jit(lambda b: solver(matvec_of(A), b, *args))(jnp.asarray(b))
 
 
-SOLVERS = {
-    "cg": linear_solve.cg,
-    "minres": linear_solve.minres,
-    "bicgstab": linear_solve.bicgstab,
-    "dense": linear_solve.dense,
-}
+SOLVERS = {"cg": CG, "minres": MINRES, "bicgstab": BiCGSTAB, "dense": Dense}
 
 
 # ---------------------------------------------------------------------------
@@ -102,8 +109,8 @@ def test_solver_max_iter_too_small(name: str) -> None:
 
 def test_solver_loose_rtol_stops_early() -> None:
     A, b = spd(0, condition=1e3), np.random.default_rng(1).standard_normal(N)
-    x_tight, tight = run(linear_solve.cg(), A, b)
-    x_loose, loose = run(linear_solve.cg(rtol=1e-3), A, b)
+    _, tight = run(CG(), A, b)
+    x_loose, loose = run(CG(rtol=1e-3), A, b)
     assert bool(loose.converged) and float(loose.residual) <= 1e-3
     assert int(loose.iterations) < int(tight.iterations)
     assert true_residual(A, x_loose, b) > float(tight.residual)
@@ -120,11 +127,11 @@ def test_minres_symmetric_indefinite() -> None:
     q, _ = np.linalg.qr(random_matrix(2))
     A = q @ np.diag(np.concatenate([-np.geomspace(1, 10, 4), np.geomspace(1, 30, N - 4)])) @ q.T
     b = np.random.default_rng(3).standard_normal(N)
-    x, info = run(linear_solve.minres(), A, b)
+    x, info = run(MINRES(), A, b)
     assert bool(info.converged) and rel_err(x, np.linalg.solve(A, b)) <= 1e-8
     # CG breaks down on it: with b along a negative eigenvector, the first step
     # already has negative curvature.
-    _, info = run(linear_solve.cg(), A, q[:, 0])
+    _, info = run(CG(), A, q[:, 0])
     assert bool(info.negative_curvature) and not bool(info.converged)
 
 
@@ -132,7 +139,7 @@ def test_bicgstab_nonsymmetric() -> None:
     A = np.eye(N) * 4.0 + random_matrix(4) * 0.5
     assert np.abs(A - A.T).max() > 0.5
     b = np.random.default_rng(5).standard_normal(N)
-    x, info = run(linear_solve.bicgstab(), A, b)
+    x, info = run(BiCGSTAB(), A, b)
     assert bool(info.converged) and rel_err(x, np.linalg.solve(A, b)) <= 1e-8
 
 
@@ -174,28 +181,28 @@ def test_jacobi_preconditioner() -> None:
     scale = np.geomspace(1.0, 1e4, N)
     A = np.sqrt(scale)[:, None] * spd(9, condition=5.0) * np.sqrt(scale)[None, :]
     b = rng.standard_normal(N)
-    x_plain, plain = run(linear_solve.cg(), A, b)
-    preconditioner = linear_solve.jacobi(jnp.asarray(np.diag(A)))
-    x_jacobi, jacobi = run(linear_solve.cg(preconditioner=preconditioner), A, b)
+    x_plain, plain = run(CG(), A, b)
+    preconditioner = Jacobi(jnp.asarray(np.diag(A)))
+    x_jacobi, jacobi = run(CG(preconditioner=preconditioner), A, b)
     assert bool(plain.converged) and bool(jacobi.converged)
     assert rel_err(x_jacobi, np.linalg.solve(A, b)) <= 1e-8
     assert rel_err(x_plain, np.linalg.solve(A, b)) <= 1e-6
     assert int(jacobi.iterations) < int(plain.iterations)
     # The diagonal may come shaped like positions (N, dim), as hessian_diagonal returns it.
-    shaped = linear_solve.jacobi(jnp.asarray(np.diag(A)).reshape(N // 2, 2))
-    x_shaped, info = run(linear_solve.cg(preconditioner=shaped), A, b)
+    shaped = Jacobi(jnp.asarray(np.diag(A)).reshape(N // 2, 2))
+    x_shaped, info = run(CG(preconditioner=shaped), A, b)
     assert bool(info.converged) and int(info.iterations) == int(jacobi.iterations)
     np.testing.assert_allclose(x_shaped, x_jacobi, rtol=1e-12)
     # Non-positive entries (rattlers) are left unscaled.
     r = jnp.arange(1.0, 5.0)
-    np.testing.assert_array_equal(linear_solve.jacobi(jnp.asarray([2.0, 0.0, -1.0, 4.0]))(None)(r), [0.5, 2.0, 3.0, 1.0])
+    np.testing.assert_array_equal(Jacobi(jnp.asarray([2.0, 0.0, -1.0, 4.0]))(r), [0.5, 2.0, 3.0, 1.0])
 
 
 @pytest.mark.parametrize("name", ["cg", "minres", "dense"])
 def test_preconditioned_solvers_under_vmap(name: str) -> None:
     A = spd(10, condition=1e3)
     B = np.random.default_rng(11).standard_normal((3, N))
-    solve = SOLVERS[name]() if name == "dense" else SOLVERS[name](preconditioner=linear_solve.jacobi(jnp.asarray(np.diag(A))))
+    solve = SOLVERS[name]() if name == "dense" else SOLVERS[name](preconditioner=Jacobi(jnp.asarray(np.diag(A))))
     xs, infos = jax.jit(jax.vmap(lambda b: solve(matvec_of(A), b)))(jnp.asarray(B))
     assert infos.converged.shape == (3,) and bool(jnp.all(infos.converged))
     for i in range(3):
@@ -335,7 +342,8 @@ def test_custom_root_jit_vmap_and_aux() -> None:
 # E(x, theta) = 1/2 sum_bonds |x_i - x_j - theta_ij|^2: vector springs whose
 # rest vectors are the parameters. H is the graph Laplacian (x) I: translations
 # of the connected particles and every coordinate of the isolated particle are
-# zero modes. x* is defined up to them; the reference is pinv.
+# zero modes. x* is defined up to them; the reference is
+# mdsens.testing.dense_reference (pinv of the dense Hessian).
 
 BONDS = np.asarray([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [3, 4]])  # particle 5 is isolated
 N_PARTICLES = 6
@@ -345,14 +353,6 @@ REST = jnp.asarray(np.random.default_rng(15).standard_normal((len(BONDS), 2)))
 def spring_energy(x: jax.Array, rest: jax.Array) -> jax.Array:
     d = x[BONDS[:, 0]] - x[BONDS[:, 1]] - rest
     return 0.5 * jnp.sum(d * d)
-
-
-def spring_reference() -> tuple[np.ndarray, np.ndarray]:
-    """(H, pinv(H) @ B) with B = d(grad E)/d(rest), both flat."""
-    x0 = jnp.zeros((N_PARTICLES, 2))
-    H = np.asarray(jax.hessian(spring_energy)(x0, REST)).reshape(2 * N_PARTICLES, -1)
-    B = np.asarray(jax.jacfwd(jax.grad(spring_energy), argnums=1)(x0, REST)).reshape(2 * N_PARTICLES, -1)
-    return H, -np.linalg.pinv(H, rcond=1e-10, hermitian=True) @ B
 
 
 def spring_modes() -> zm.ZeroModes:
@@ -371,7 +371,8 @@ def spring_solver(init, rest):
 
 @pytest.mark.parametrize("modes", ["given", "detected"])
 def test_custom_root_zero_modes(modes: str) -> None:
-    H, J = spring_reference()
+    # H does not depend on x (quadratic energy): the reference at any x.
+    J = dense_reference(spring_energy, jnp.zeros((N_PARTICLES, 2)), REST, rcond=1e-10).J
     if modes == "given":
         zero_modes_fn = lambda x, rest: spring_modes()  # noqa: E731
     else:
@@ -430,9 +431,9 @@ SADDLE_TANGENT = jnp.asarray([0.0, 0.0, 1.0, 0.0])  # along the negative eigenve
 def test_root_jvp_reports_negative_curvature() -> None:
     x = saddle_solver(None, SADDLE_THETA)
     jvp = lambda solve: jax.jit(lambda v: root_jvp(jax.grad(saddle_energy), x, SADDLE_THETA, v, solve=solve))  # noqa: E731
-    _, info = jvp(linear_solve.cg())(SADDLE_TANGENT)
+    _, info = jvp(CG())(SADDLE_TANGENT)
     assert bool(info.negative_curvature) and not bool(info.converged)
-    dx, info = jvp(linear_solve.minres())(SADDLE_TANGENT)
+    dx, info = jvp(MINRES())(SADDLE_TANGENT)
     assert bool(info.converged) and not bool(info.negative_curvature)
     np.testing.assert_allclose(dx, np.linalg.solve(INDEFINITE, SADDLE_TANGENT), atol=1e-12)
 
@@ -493,7 +494,7 @@ def test_custom_fixed_point_bicgstab() -> None:
     assert np.abs(M - M.T).max() > 0.1 and np.max(np.abs(np.linalg.eigvals(M))) < 1.0
     theta = jnp.asarray(np.random.default_rng(17).standard_normal(8))
     expected = np.linalg.inv(np.eye(8) - M)  # x* = (I - M)^-1 theta
-    solved = custom_fixed_point(contraction, solve=linear_solve.bicgstab(), symmetric=False)(iterate)
+    solved = custom_fixed_point(contraction, solve=BiCGSTAB(), symmetric=False)(iterate)
     x_star = lambda t: solved(jnp.zeros(8), t)  # noqa: E731
     np.testing.assert_allclose(jax.jit(x_star)(theta), expected @ theta, atol=1e-12)
     assert rel_err(jax.jit(jax.jacfwd(x_star))(theta), expected) <= 1e-9
@@ -501,12 +502,12 @@ def test_custom_fixed_point_bicgstab() -> None:
     # root_vjp on the same non-symmetric optimality function.
     g = jnp.asarray(np.random.default_rng(18).standard_normal(8))
     theta_bar, info = root_vjp(
-        lambda x, t: contraction(x, t) - x, expected @ theta, theta, g, solve=linear_solve.bicgstab(), symmetric=False
+        lambda x, t: contraction(x, t) - x, expected @ theta, theta, g, solve=BiCGSTAB(), symmetric=False
     )
     assert bool(info.converged) and rel_err(theta_bar, np.asarray(g) @ expected) <= 1e-9
     # Declaring the Jacobian symmetric when it is not gives the wrong reverse mode.
     wrong, _ = root_vjp(
-        lambda x, t: contraction(x, t) - x, expected @ theta, theta, g, solve=linear_solve.bicgstab(), symmetric=True
+        lambda x, t: contraction(x, t) - x, expected @ theta, theta, g, solve=BiCGSTAB(), symmetric=True
     )
     assert rel_err(wrong, np.asarray(g) @ expected) > 1e-3
 
@@ -603,6 +604,8 @@ def test_detect_is_scale_free() -> None:
     """The tests are relative: a very stiff or very soft network gives the same modes."""
     positions = jnp.asarray(np.random.default_rng(22).standard_normal((5, 2)))
     energy = bonded_energy(TRIANGLES_2D)(positions)
-    detect = jax.jit(lambda scale: zm.detect(lambda v: scale * jax.jvp(jax.grad(energy), (positions,), (v,))[1], positions))
+    detect = jax.jit(
+        lambda scale: zm.detect(lambda v: scale * jax.jvp(jax.grad(energy), (positions,), (v,))[1], positions)
+    )
     for scale in (1e-6, 1e6):
         assert int(detect(scale).n_modes) == 5

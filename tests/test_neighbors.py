@@ -9,8 +9,10 @@
   this module's time is compilation).
 - Overflow: reallocated on the host with the all-pairs answer; flagged
   (``neighbor_overflow``) under ``jit``; NaN and a warning from standalone calls.
-- The O(N) Hessian diagonal, the builders' switch, bad input, and no N x N
-  array anywhere on the neighbor-list path.
+- The energy protocol (allocate, build, update, valid, bind, freeze,
+  diagnostics) against the all-pairs energy; the O(N) Hessian diagonal, the
+  builders' switch, bad input, and no N x N array anywhere on the
+  neighbor-list path.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ import numpy as np
 import pytest
 
 import mdsens
-from mdsens import linear_solve, systems, zero_modes
+from mdsens import CG, FIRE, Implicit, systems, zero_modes
 from mdsens import neighbors as nl
-from mdsens.relaxation import relax_with_neighbors
+from mdsens.relaxation import relax_on_host
 
 RTOL = 1e-10
 # Tight enough that the derivatives agree because the operators do, not because
 # both solves took the same path.
-SOLVER = linear_solve.cg(rtol=1e-12)
+SOLVER = CG(rtol=1e-12)
 
 
 def rel_err(a, b) -> float:
@@ -43,21 +45,11 @@ def packing(n: int, neighbor_list, **kwargs) -> systems.System:
     )
 
 
-def kw(system: systems.System) -> dict:
-    return {"shift_fn": system.shift_fn, "dt_max": system.dt_max}
-
-
-def relax_options(system: systems.System) -> dict:
-    return {
-        "fmax": jnp.asarray(1e-12), "max_steps": jnp.asarray(100_000, jnp.int32), "dt_max": jnp.asarray(system.dt_max)
-    }
-
-
 def reference_derivative(s: systems.System, x: jax.Array, direction, mode: str):
     """The all-pairs implicit derivative at a relaxed ``x``: what
     ``equilibrium_jvp`` / ``_vjp`` compute after their relaxation (zero modes
     from Hessian-vector products, then one solve), without compiling one."""
-    gradient = jax.grad(s.energy_fn)
+    gradient = jax.grad(s.energy)
 
     def run(x, p, direction):
         hvp = lambda v: jax.jvp(lambda y: gradient(y, p), (x,), (v,))[1]  # noqa: E731
@@ -91,13 +83,11 @@ def relaxed512(pair512) -> dict:
     """Both paths relaxed to fmax 1e-12 from one start (the neighbor-list path
     relaxed to fmax 1e-6 from the random start: most of the way, cheaply)."""
     a, b = pair512
-    start = mdsens.relax(b.energy_fn, b.positions, b.params, fmax=1e-6, **kw(b)).positions
-    return {
-        "all_pairs": mdsens.relax(a.energy_fn, start, a.params, **kw(a)),
-        "neighbor_list": mdsens.relax(b.energy_fn, start, b.params, **kw(b)),
-    }
+    start = mdsens.relax(b, minimiser=FIRE(fmax=1e-6)).positions
+    return {"all_pairs": mdsens.relax(a, start), "neighbor_list": mdsens.relax(b, start)}
 
 
+@pytest.mark.slow
 def test_energy_forces_and_derivatives_agree(pair512) -> None:
     a, b = pair512
     x, p = a.positions, a.params  # the random start: many overlaps
@@ -111,10 +101,11 @@ def test_energy_forces_and_derivatives_agree(pair512) -> None:
 
         return jax.jit(all_of_them)(x, p)
 
-    for ours, theirs in zip(derivatives(b.energy_fn), derivatives(a.energy_fn)):
+    for ours, theirs in zip(derivatives(b.energy), derivatives(a.energy), strict=True):
         assert rel_err(ours, theirs) <= RTOL
 
 
+@pytest.mark.slow
 def test_relaxed_positions_agree(relaxed512) -> None:
     ours, theirs = relaxed512["neighbor_list"], relaxed512["all_pairs"]
     assert bool(ours.converged) and bool(theirs.converged)
@@ -123,17 +114,19 @@ def test_relaxed_positions_agree(relaxed512) -> None:
     assert float(ours.energy) == pytest.approx(float(theirs.energy), rel=RTOL)
 
 
+@pytest.mark.slow
 def test_forward_sensitivity_agrees(pair512, relaxed512) -> None:
     a, b = pair512
     x = relaxed512["all_pairs"].positions
     tangent = random_tangent(a.params, 2)
     dx_a, info_a = reference_derivative(a, x, tangent, "jvp")
-    _, dx_b, info_b = mdsens.equilibrium_jvp(b.energy_fn, x, b.params, tangent, solver=SOLVER, **kw(b))
+    _, dx_b, info_b = mdsens.equilibrium_jvp(b, b.params, tangent, positions=x, adjoint=Implicit(solver=SOLVER))
     assert bool(info_a.converged) and bool(info_b.solve.converged)
     assert bool(info_b.relax.converged)
     assert rel_err(dx_b, dx_a) <= RTOL
 
 
+@pytest.mark.slow
 def test_no_n_by_n_array_on_the_neighbor_list_path(pair512) -> None:
     """Every intermediate of a relaxation and a sensitivity (equilibrium_jvp
     traced: relaxation with the list built at the start, zero modes, solve),
@@ -144,9 +137,9 @@ def test_no_n_by_n_array_on_the_neighbor_list_path(pair512) -> None:
     n = b.n
     x, p, t = b.positions, b.params, random_tangent(b.params, 3)
     calls = [
-        lambda x, p: mdsens.equilibrium_jvp(b.energy_fn, x, p, t, **kw(b)),
-        jax.grad(lambda x, p: jnp.sum(mdsens.equilibrium(b.energy_fn, x, p, **kw(b)) ** 2), argnums=1),
-        lambda x, p: mdsens.hessian_diagonal(b.energy_fn, x, p),
+        lambda x, p: mdsens.equilibrium_jvp(b, p, t, positions=x),
+        jax.grad(lambda x, p: jnp.sum(mdsens.equilibrium(b, p, positions=x) ** 2), argnums=1),
+        lambda x, p: b.hessian_diagonal(x, p),
     ]
 
     def shapes(jaxpr):
@@ -164,7 +157,7 @@ def test_no_n_by_n_array_on_the_neighbor_list_path(pair512) -> None:
     for call in calls:
         jaxpr = jax.make_jaxpr(call)(x, p).jaxpr
         assert not [s for s in shapes(jaxpr) if quadratic(s)]
-    assert any(quadratic(s) for s in shapes(jax.make_jaxpr(a.energy_fn)(x, p).jaxpr))
+    assert any(quadratic(s) for s in shapes(jax.make_jaxpr(a.energy)(x, p).jaxpr))
 
 
 # ---------------------------------------------------------------------------
@@ -183,19 +176,20 @@ def lattice() -> dict:
     rng = np.random.default_rng(0)
     grid = (np.stack(np.meshgrid(np.arange(k), np.arange(k), indexing="ij"), -1).reshape(-1, 2) + 0.5) * spacing
     x = jnp.asarray(grid[rng.permutation(k * k)] + rng.uniform(-0.01, 0.01, (k * k, 2)) * spacing)
-    tight = s.energy_fn.replace(x, s.params, skin=0.15, capacity_multiplier=1.0)
+    tight = s.energy.replace(x, s.params, skin=0.15, capacity_multiplier=1.0)
     assert tight.template.capacity == 2 * s.n
     all_pairs = packing(144, False)
-    reference = mdsens.relax(all_pairs.energy_fn, x, s.params, **kw(s))
+    reference = mdsens.relax(all_pairs, x)
     assert bool(reference.converged)
     return {"system": s, "all_pairs": all_pairs, "x": x, "tight": tight, "reference": reference}
 
 
+@pytest.mark.slow
 def test_gradient_wrt_every_diameter_agrees(lattice) -> None:
     """Reverse mode through mdsens.equilibrium (its own relaxation, under jit)."""
     b, a, x = lattice["system"], lattice["all_pairs"], lattice["reference"].positions
     weights = jax.random.normal(jax.random.PRNGKey(4), x.shape)
-    objective = lambda p: jnp.sum(weights * mdsens.equilibrium(b.energy_fn, x, p, solver=SOLVER, **kw(b)))  # noqa: E731
+    objective = lambda p: jnp.sum(weights * mdsens.equilibrium(b, p, positions=x, adjoint=Implicit(solver=SOLVER)))  # noqa: E731
     ours = jax.grad(objective)(b.params)
     theirs, info = reference_derivative(a, x, weights, "vjp")
     assert bool(info.converged)
@@ -205,38 +199,38 @@ def test_gradient_wrt_every_diameter_agrees(lattice) -> None:
 
 def test_hessian_diagonal_is_the_dense_diagonal(lattice) -> None:
     b, a, x = lattice["system"], lattice["all_pairs"], lattice["x"]  # overlaps, off equilibrium
-    dense = jax.jit(jax.hessian(a.energy_fn))(x, a.params).reshape(x.size, x.size)
-    diagonal = mdsens.hessian_diagonal(b.energy_fn, x, b.params)
+    dense = jax.jit(jax.hessian(a.energy))(x, a.params).reshape(x.size, x.size)
+    diagonal = b.hessian_diagonal(x, b.params)
     assert diagonal.shape == x.shape
     assert rel_err(diagonal.ravel(), jnp.diag(dense)) <= RTOL
 
 
 def test_overflow_is_reallocated_on_the_host(lattice) -> None:
     s, tight, reference = lattice["system"], lattice["tight"], lattice["reference"]
-    diagnostics: dict = {}
-    result, neighbors = relax_with_neighbors(
-        tight, lattice["x"], s.params, shift_fn=s.shift_fn, method="fire", options=relax_options(s),
-        diagnostics=diagnostics,
-    )
-    assert diagnostics["reallocations"] >= 1
-    assert bool(result.converged) and bool(neighbors.valid)
+    result, neighbors, reallocations = relax_on_host(tight, FIRE(dt_max=s.dt_max), lattice["x"], s.params)
+    assert reallocations >= 1
+    assert bool(result.converged) and bool(tight.valid(neighbors))
+    assert tight.diagnostics(neighbors)["reason"] == "valid"
     assert rel_err(result.positions, reference.positions) <= RTOL
     assert float(result.energy) == pytest.approx(float(reference.energy), rel=RTOL)
+    # What mdsens.relax does with concrete arrays.
+    public = mdsens.relax(s.replace(energy=tight), lattice["x"])
+    np.testing.assert_array_equal(public.positions, result.positions)
 
 
 def test_overflow_under_jit_is_flagged_not_wrong(lattice) -> None:
     s, x, tight = lattice["system"], lattice["x"], lattice["tight"]
+    tight_system = s.replace(energy=tight)
     with pytest.warns(RuntimeWarning, match="neighbor_overflow"):
-        result = jax.block_until_ready(jax.jit(lambda x, p: mdsens.relax(tight, x, p, **kw(s)))(x, s.params))
+        result = jax.block_until_ready(jax.jit(lambda x, p: mdsens.relax(tight_system, x, p))(x, s.params))
     assert result.reason == "neighbor_overflow" and not bool(result.converged)
     assert np.isnan(float(result.energy))
     # The last state computed with a valid list: finite, not relaxed.
-    assert 0 < int(result.n_steps) and np.all(np.isfinite(result.positions))
+    assert int(result.n_steps) > 0 and np.all(np.isfinite(result.positions))
     assert np.isfinite(float(result.fmax)) and float(result.fmax) > 1e-12
     # No x* either, and no derivative from it.
-    with pytest.warns(RuntimeWarning, match="neighbor_overflow"):
-        with pytest.warns(RuntimeWarning, match="did not reach the force tolerance"):
-            x_star = mdsens.equilibrium(tight, x, s.params, throw=False, **kw(s))
+    with pytest.warns(RuntimeWarning, match="did not reach the force tolerance: it stopped with neighbor_overflow"):
+        x_star = mdsens.equilibrium(tight_system, s.params, positions=x, throw=False)
     assert np.all(np.isnan(x_star))
 
 
@@ -254,6 +248,43 @@ def test_standalone_calls_on_an_invalid_list_are_nan_and_warn(lattice) -> None:
         assert np.isnan(float(tight(x, {**p, "diameters": 1.2 * p["diameters"]})))
 
 
+def test_energy_protocol_against_all_pairs(lattice) -> None:
+    """allocate / build / update / valid / bind / freeze / diagnostics: every
+    valid list gives the all-pairs energy and forces where it is used."""
+    b, a, x, p = lattice["system"], lattice["all_pairs"], lattice["x"], lattice["system"].params
+    relaxed = lattice["reference"].positions
+    # Off equilibrium, so that the forces compared are not rounding noise.
+    moved = relaxed + 0.02 * jax.random.normal(jax.random.PRNGKey(6), relaxed.shape)
+    energy = b.energy
+    exact = jax.jit(jax.value_and_grad(a.energy))
+
+    def agrees(aux, positions) -> None:
+        assert bool(energy.valid(aux))
+        e, g = jax.jit(jax.value_and_grad(lambda y, q: energy.bind(aux)(y, q)))(positions, p)
+        expected_e, expected_g = exact(positions, p)
+        assert float(e) == pytest.approx(float(expected_e), rel=RTOL)
+        assert rel_err(g, expected_g) <= RTOL
+
+    allocated = energy.allocate(x, p)
+    info = energy.diagnostics(allocated)
+    assert info["valid"] and info["reason"] == "valid" and 0 < info["pairs"] <= info["capacity"]
+    agrees(allocated, x)
+    agrees(jax.jit(energy.build)(x, p), x)
+    updated = jax.jit(energy.update)(allocated, moved, p)  # near the relaxed packing, far from x
+    assert energy.diagnostics(updated)["rebuilds"] >= 1
+    agrees(updated, moved)
+    frozen = energy.freeze(moved, p)  # only the interacting pairs
+    assert energy.diagnostics(frozen)["pairs"] < energy.diagnostics(updated)["pairs"]
+    agrees(frozen, moved)
+    # A list that cannot hold the relaxed packing's pairs is invalid and binds to NaN.
+    tight = lattice["tight"]
+    overflowed = jax.jit(tight.update)(tight.allocate(x, p), relaxed, p)
+    assert not bool(tight.valid(overflowed)) and "overflowed" in tight.diagnostics(overflowed)["reason"]
+    assert np.isnan(float(jax.jit(lambda y, q: tight.bind(overflowed)(y, q))(relaxed, p)))
+    # The plain energy's protocol is trivial.
+    assert a.energy.allocate(x, p) is None and bool(a.energy.valid(None)) and a.energy.diagnostics(None) == {}
+
+
 # ---------------------------------------------------------------------------
 # Builders and input checks
 # ---------------------------------------------------------------------------
@@ -261,7 +292,7 @@ def test_standalone_calls_on_an_invalid_list_are_nan_and_warn(lattice) -> None:
 
 def test_builders_switch_above_the_threshold_or_on_request(monkeypatch) -> None:
     assert nl.NEIGHBOR_LIST_THRESHOLD == 2000  # as documented
-    monkeypatch.setattr(nl, "NEIGHBOR_LIST_THRESHOLD", 143)
+    monkeypatch.setattr(nl.lists, "NEIGHBOR_LIST_THRESHOLD", 143)
     assert packing(144, None).neighbor_list
     assert not packing(144, False).neighbor_list
     assert not packing(143, None).neighbor_list
@@ -278,7 +309,7 @@ def test_pair_potentials_over_a_neighbor_list_agree() -> None:
     def derivatives(energy_fn):
         return jax.jit(jax.value_and_grad(energy_fn, argnums=(0, 1)))(x, a.params)
 
-    (e_b, (gx_b, gp_b)), (e_a, (gx_a, gp_a)) = derivatives(b.energy_fn), derivatives(a.energy_fn)
+    (e_b, (gx_b, gp_b)), (e_a, (gx_a, gp_a)) = derivatives(b.energy), derivatives(a.energy)
     assert float(e_b) == pytest.approx(float(e_a), rel=RTOL)
     assert rel_err(gx_b, gx_a) <= RTOL
     for name in ("sigma", "epsilon", "alpha", "box"):
@@ -289,9 +320,9 @@ def test_bad_input_raises(lattice) -> None:
     b = lattice["system"]
     for bad in ({"skin": 0.0}, {"capacity_multiplier": 0.5}):
         with pytest.raises(ValueError, match="must be"):
-            b.energy_fn.replace(b.positions, b.params, **bad)
+            b.energy.replace(b.positions, b.params, **bad)
     with pytest.raises(ValueError, match="three list cutoffs"):  # a box too small for cells
-        b.energy_fn.replace(b.positions, b.params, skin=5.0)
+        b.energy.replace(b.positions, b.params, skin=5.0)
     with pytest.raises(ValueError, match="periodic box"):
         systems.lennard_jones_cluster(144, dim=2, neighbor_list=True)
     with pytest.raises(ValueError, match="neighbor_list must be"):

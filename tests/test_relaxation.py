@@ -13,31 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdsens import RelaxResult, max_force, relax, systems
-from mdsens.systems import System
+from mdsens import FIRE, GradientDescent, RelaxResult, System, max_force, relax, systems
 
 FMAX = 1e-12
 
 
-def relax_system(system: System, **kwargs) -> RelaxResult:
-    return relax(
-        system.energy_fn,
-        system.positions,
-        system.params,
-        shift_fn=system.shift_fn,
-        dt_max=system.dt_max,
-        **kwargs,
-    )
-
-
 @functools.cache
-def _compiled(energy_fn):
+def _compiled(energy):
     # jit once per system: eager evaluation compiles every op for every shape.
-    return jax.jit(energy_fn), jax.jit(jax.grad(energy_fn))
+    return jax.jit(energy), jax.jit(jax.grad(energy))
 
 
 def forces_np(system: System, positions: jax.Array) -> np.ndarray:
-    return -np.asarray(_compiled(system.energy_fn)[1](positions, system.params))
+    return -np.asarray(_compiled(system.energy)[1](positions, system.params))
 
 
 def fmax_np(system: System, positions: jax.Array) -> float:
@@ -46,7 +34,7 @@ def fmax_np(system: System, positions: jax.Array) -> float:
 
 
 def energy(system: System, positions: jax.Array) -> float:
-    return float(_compiled(system.energy_fn)[0](positions, system.params))
+    return float(_compiled(system.energy)[0](positions, system.params))
 
 
 def assert_relaxed(system: System, result: RelaxResult, max_steps: int) -> None:
@@ -77,8 +65,19 @@ def test_gradient_descent_converges(name: str, request: pytest.FixtureRequest) -
     # descent fragments the N=4 and N=13 clusters instead (their lattice starts are
     # compressed and its step grows without bound), so only N=7 is used here.
     system = systems.lennard_jones_cluster(7) if name == "lj7" else request.getfixturevalue(name)
-    result = relax_system(system, method="gradient_descent", max_steps=50_000)
+    result = relax(system, minimiser=GradientDescent(max_steps=50_000))
     assert_relaxed(system, result, 50_000)
+
+
+def test_minimiser_takes_the_systems_dt_max(small_2d: System) -> None:
+    """A minimiser without a dt_max runs with the system's: the same run, step for
+    step, as one given it explicitly, and not the run of another time step."""
+    default = relax(small_2d)
+    explicit = relax(small_2d, minimiser=FIRE(dt_max=small_2d.dt_max))
+    assert int(default.n_steps) == int(explicit.n_steps)
+    np.testing.assert_array_equal(default.positions, explicit.positions)
+    other = relax(small_2d, minimiser=FIRE(dt_max=0.1))
+    assert small_2d.dt_max != 0.1 and int(other.n_steps) != int(default.n_steps)
 
 
 def test_max_force_definition() -> None:
@@ -91,7 +90,7 @@ def test_max_force_definition() -> None:
 def test_fmax_is_largest_particle_force(soft_sphere_2d: System) -> None:
     # Stopped early, so that forces are large and rounding does not hide a wrong norm.
     with pytest.warns(RuntimeWarning, match="max_steps"):
-        result = relax_system(soft_sphere_2d, max_steps=30)
+        result = relax(soft_sphere_2d, minimiser=FIRE(max_steps=30))
     forces = forces_np(soft_sphere_2d, result.positions)
     norms = np.linalg.norm(forces, axis=1)
     assert float(result.fmax) == pytest.approx(norms.max(), rel=1e-12)
@@ -101,7 +100,7 @@ def test_fmax_is_largest_particle_force(soft_sphere_2d: System) -> None:
 
 def test_max_steps_exhausted(small_2d: System) -> None:
     with pytest.warns(RuntimeWarning, match="did not reach fmax"):
-        result = relax_system(small_2d, max_steps=5)
+        result = relax(small_2d, minimiser=FIRE(max_steps=5))
     assert not bool(result.converged)
     assert result.reason == "max_steps" and int(result.status) == 1
     assert int(result.n_steps) == 5
@@ -114,8 +113,9 @@ def test_nonfinite_stops() -> None:
     def energy_fn(x: jax.Array, params: dict) -> jax.Array:
         return params["k"] * jnp.sum(jnp.sqrt(x))
 
+    system = System.from_energy(energy_fn, {"k": 1.0}, jnp.ones((4, 2)), dt_max=0.1)
     with pytest.warns(RuntimeWarning, match="nonfinite"):
-        result = relax(energy_fn, jnp.ones((4, 2)), {"k": 1.0}, shift_fn=lambda x, dx: x + dx)
+        result = relax(system)
     assert result.reason == "nonfinite" and not bool(result.converged)
 
 
@@ -124,7 +124,7 @@ def test_vmap_matches_single_calls(small_2d: System) -> None:
     assert not np.allclose(other.positions, small_2d.positions)
 
     def run(x: jax.Array) -> RelaxResult:
-        return relax(small_2d.energy_fn, x, small_2d.params, shift_fn=small_2d.shift_fn, dt_max=small_2d.dt_max)
+        return relax(small_2d, x)
 
     batch = jax.vmap(run)(jnp.stack([small_2d.positions, other.positions]))
     singles = [run(small_2d.positions), run(other.positions)]
@@ -139,6 +139,7 @@ def test_vmap_matches_single_calls(small_2d: System) -> None:
 
 
 # ---------------------------------------------------------------- bad inputs
+# (Bad option values, e.g. FIRE(fmax=0.0), fail when they are built: tests/test_options.py.)
 
 
 class _Traced(Exception):
@@ -157,56 +158,56 @@ BAD_RELAX_INPUTS = [
     (dict(positions=jnp.zeros((8, 4))), "positions must have dim 2 or 3"),
     (dict(positions=jnp.zeros((8, 1))), "positions must have dim 2 or 3"),
     (dict(positions=jnp.zeros((1, 2))), "at least 2 particles"),
+    (dict(positions=jnp.zeros((6, 2))), r"positions must have shape \(8, 2\)"),
     (dict(positions=nan_at.set(jnp.nan)), "positions contains NaN"),
     (dict(positions=nan_at.set(jnp.inf)), "positions contains NaN or inf"),
     (dict(positions=GOOD.astype(jnp.float32)), "positions has dtype float32"),
     (dict(params={"k": jnp.nan}), r"params\['k'\] contains NaN"),
     (dict(params={"k": 1.0, "m": [1.0, -jnp.inf]}), r"params\['m'\]\[1\] contains NaN or inf"),
     (dict(params={"k": jnp.ones(2, jnp.float32)}), "params.*float32"),
-    (dict(method="newton"), "method must be one of"),
-    (dict(method="FIRE"), "method must be one of"),
-    (dict(fmax=0.0), "fmax must be positive"),
-    (dict(fmax=-1e-12), "fmax must be positive"),
-    (dict(fmax=np.nan), "fmax must be finite"),
-    (dict(max_steps=0), "max_steps must be an integer >= 1"),
-    (dict(max_steps=-5), "max_steps must be an integer >= 1"),
-    (dict(max_steps=10.0), "max_steps must be an integer >= 1"),
-    (dict(dt_max=0.0), "dt_max must be positive"),
+    (dict(params={"k": jnp.ones(2)}), r"params\['k'\] must have shape \(\)"),
+    (dict(params={"m": 1.0}), "params must have the structure"),
+    (dict(minimiser="newton"), "minimiser must be"),
+    (dict(minimiser="FIRE"), "minimiser must be"),
+    (dict(minimiser=FIRE), "minimiser must be"),  # the class, not a value
 ]
 
 
 @pytest.mark.parametrize("kwargs, match", BAD_RELAX_INPUTS, ids=[m for _, m in BAD_RELAX_INPUTS])
 def test_bad_relax_inputs_raise_before_tracing(kwargs: dict, match: str) -> None:
-    args = {"positions": GOOD, "params": {"k": 1.0}, **kwargs}
+    system = System.from_energy(_untraceable_energy, {"k": 1.0}, GOOD)
     with pytest.raises(ValueError, match=match):
-        relax(_untraceable_energy, shift_fn=lambda x, dx: x + dx, **args)
+        relax(system, **kwargs)
 
 
 def test_bad_relax_sentinel_is_live() -> None:
     # The valid baseline does reach the energy: the ValueErrors above are not a
     # side effect of the sentinel.
     with pytest.raises(_Traced):
-        relax(_untraceable_energy, GOOD, {"k": 1.0}, shift_fn=lambda x, dx: x + dx)
+        relax(System.from_energy(_untraceable_energy, {"k": 1.0}, GOOD))
 
 
+@pytest.mark.multiprocess
 def test_relax_requires_x64() -> None:
     # In a fresh interpreter: switching x64 off here would disturb the session.
     script = textwrap.dedent(
         """
         import jax
-        jax.config.update("jax_enable_x64", False)
+        jax.config.update("jax_enable_x64", True)
         import jax.numpy as jnp
-        from mdsens import relax
-        try:
-            relax(lambda x, p: jnp.sum(x**2), jnp.ones((4, 2)), {}, shift_fn=lambda x, dx: x + dx)
-        except RuntimeError as error:
-            print("RuntimeError:", error)
+        from mdsens import System, relax
+        system = System.from_energy(lambda x, p: jnp.sum(x**2), {}, jnp.ones((4, 2)))
+        jax.config.update("jax_enable_x64", False)
+        for call in (lambda: relax(system), lambda: System.from_energy(lambda x, p: 0.0, {}, jnp.ones((4, 2)))):
+            try:
+                call()
+            except RuntimeError as error:
+                print("RuntimeError:", error)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
-    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert "RuntimeError: mdsens.relax needs float64" in out.stdout
+    assert "RuntimeError: System.from_energy needs float64" in out.stdout
     assert "jax_enable_x64" in out.stdout
