@@ -46,8 +46,7 @@ _MESSAGES = {
         "reallocated (under jit or vmap there is no host to reallocate)"
     ),
     Status.not_converged: (
-        "the linear solve did not reach its tolerance (raise max_iter, loosen rtol, "
-        "or check for undeclared zero modes)"
+        "the linear solve did not reach its tolerance (raise max_iter, loosen rtol, or check for undeclared zero modes)"
     ),
     Status.negative_curvature: (
         "the linear solve met negative curvature: the Hessian is not positive "

@@ -34,9 +34,9 @@ def option(static: tuple[str, ...] = ()) -> Callable[[type[T]], type[T]]:
 
         def unflatten(meta: tuple[Any, ...], leaves: list[Any]) -> Any:
             value = object.__new__(cls)
-            for name, leaf in zip(children, leaves):
+            for name, leaf in zip(children, leaves, strict=False):
                 object.__setattr__(value, name, leaf)
-            for name, item in zip(static, meta):
+            for name, item in zip(static, meta, strict=False):
                 object.__setattr__(value, name, item)
             return value
 

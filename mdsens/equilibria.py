@@ -109,7 +109,9 @@ def equilibrium(
     was built (under ``jit`` and autodiff there is no host to reallocate): an
     overflow is a failed relaxation.
     """
-    return equilibrium_with_info(system, params, positions=positions, minimiser=minimiser, adjoint=adjoint, throw=throw)[0]
+    return equilibrium_with_info(
+        system, params, positions=positions, minimiser=minimiser, adjoint=adjoint, throw=throw
+    )[0]
 
 
 @jax.jit(static_argnums=(0, 1))
@@ -152,7 +154,9 @@ def equilibrium_jvp(
     if needed) and solves with a list frozen at x*.
     """
     tangent = system.check_params(tangent, "tangent")
-    params, result, aux = _relaxed_for_derivative("mdsens.equilibrium_jvp", system, params, positions, minimiser, adjoint)
+    params, result, aux = _relaxed_for_derivative(
+        "mdsens.equilibrium_jvp", system, params, positions, minimiser, adjoint
+    )
     return _jvp_at(system.energy, adjoint, result, aux, params, tangent)
 
 
@@ -174,8 +178,12 @@ def equilibrium_vjp(
     """
     cotangent = check_positions(cotangent, "cotangent")
     if cotangent.shape != system.positions.shape:
-        raise ValueError(f"cotangent must have the shape of the positions {system.positions.shape}; got {cotangent.shape}.")
-    params, result, aux = _relaxed_for_derivative("mdsens.equilibrium_vjp", system, params, positions, minimiser, adjoint)
+        raise ValueError(
+            f"cotangent must have the shape of the positions {system.positions.shape}; got {cotangent.shape}."
+        )
+    params, result, aux = _relaxed_for_derivative(
+        "mdsens.equilibrium_vjp", system, params, positions, minimiser, adjoint
+    )
     return _vjp_at(system.energy, adjoint, result, aux, params, cotangent)
 
 

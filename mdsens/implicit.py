@@ -164,7 +164,7 @@ def batched_callback(callback: Callable[..., None], reductions: tuple[Callable[.
     @report.def_vmap
     def report_batch(axis_size, in_batched, *args):
         del axis_size
-        report(*(reduce(a, axis=0) if b else a for reduce, a, b in zip(reductions, args, in_batched)))
+        report(*(reduce(a, axis=0) if b else a for reduce, a, b in zip(reductions, args, in_batched, strict=False)))
         return args[0], in_batched[0]
 
     return report

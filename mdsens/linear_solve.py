@@ -82,8 +82,17 @@ def _safe_div(a: Array, b: Array) -> Array:
 
 
 def _finish(
-    matvec, b, x, iterations, rtol, atol, negative_curvature=False, singular=False, lowest_curvature=jnp.nan,
-    null_rtol=0.0, scale=0.0,
+    matvec,
+    b,
+    x,
+    iterations,
+    rtol,
+    atol,
+    negative_curvature=False,
+    singular=False,
+    lowest_curvature=jnp.nan,
+    null_rtol=0.0,
+    scale=0.0,
 ) -> tuple[Array, SolveInfo]:
     """Diagnostics from the true residual ``r = b - A x``. With ``null_rtol`` and
     ``scale`` (``|A|``), a residual in the numerical null space (``|A r| <=

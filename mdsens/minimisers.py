@@ -71,6 +71,13 @@ class _Minimiser:
         if self.dt_max is not None:
             set_field(self, "dt_max", positive_float(self.dt_max, "dt_max", owner))
 
+    @property
+    def step_scale(self) -> float:
+        """``dt_max``, which :meth:`for_system` has filled in before any step."""
+        if self.dt_max is None:
+            raise ValueError(f"{type(self).__name__} has no dt_max: call for_system(system.dt_max) first.")
+        return self.dt_max
+
     def for_system(self, dt_max: float) -> Any:
         """This minimiser with ``dt_max`` (the system's stable time step) if it has none."""
         return self if self.dt_max is not None else dataclasses.replace(self, dt_max=dt_max)
@@ -121,12 +128,12 @@ class FIRE(_Minimiser):
     def init(self, fn: Evaluator, positions: Array, aux: Any) -> FireState:
         force, aux = fn.force(positions, aux)
         zero = jnp.zeros((), jnp.int32)
-        dt = jnp.asarray(self.dt_start * self.dt_max, positions.dtype)
+        dt = jnp.asarray(self.dt_start * self.step_scale, positions.dtype)
         alpha = jnp.asarray(self.alpha_start, positions.dtype)
         return FireState(positions, jnp.zeros_like(positions), force, dt, alpha, zero, zero, aux)
 
     def step(self, fn: Evaluator, s: FireState) -> FireState:
-        dt_max = self.dt_max
+        dt_max = self.step_scale
         power = jnp.vdot(s.force, s.velocity)
         uphill = power <= 0.0
         n_positive = jnp.where(uphill, 0, s.n_positive + 1)
@@ -182,7 +189,7 @@ class GradientDescent(_Minimiser):
 
     def init(self, fn: Evaluator, positions: Array, aux: Any) -> DescentState:
         e, f, aux = fn.energy_and_force(positions, aux)
-        step_size = jnp.asarray(0.1 * self.dt_max, positions.dtype)
+        step_size = jnp.asarray(0.1 * self.step_scale, positions.dtype)
         return DescentState(positions, e, f, step_size, jnp.zeros((), jnp.int32), aux)
 
     def step(self, fn: Evaluator, s: DescentState) -> DescentState:
@@ -190,10 +197,14 @@ class GradientDescent(_Minimiser):
         e_new, f_new, aux = fn.energy_and_force(x_new, s.aux)
         rounding = 64 * jnp.finfo(s.energy.dtype).eps * jnp.maximum(jnp.abs(s.energy), 1e-300)
         lower_energy = e_new < s.energy - rounding
-        flat_but_better = (jnp.abs(e_new - s.energy) <= rounding) & (jnp.vdot(f_new, f_new) < jnp.vdot(s.force, s.force))
+        flat_but_better = (jnp.abs(e_new - s.energy) <= rounding) & (
+            jnp.vdot(f_new, f_new) < jnp.vdot(s.force, s.force)
+        )
         accept = (lower_energy | flat_but_better) & jnp.isfinite(e_new)
         keep: Callable[[Array, Array], Array] = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
-        step_size = jnp.where(accept, jnp.minimum(self.grow * s.step_size, 10.0 * self.dt_max), self.shrink * s.step_size)
+        step_size = jnp.where(
+            accept, jnp.minimum(self.grow * s.step_size, 10.0 * self.step_scale), self.shrink * s.step_size
+        )
         return DescentState(
             keep(x_new, s.positions), keep(e_new, s.energy), keep(f_new, s.force), step_size, s.step + 1, aux
         )

@@ -164,9 +164,7 @@ def relax_traced(energy: Energy, minimiser: Minimiser, positions: Array, params:
     return _relax_compiled(energy, minimiser, positions, params, None, True)[0]
 
 
-def relax_on_host(
-    energy: Energy, minimiser: Minimiser, positions: Array, params: Any
-) -> tuple[RelaxResult, Any, int]:
+def relax_on_host(energy: Energy, minimiser: Minimiser, positions: Array, params: Any) -> tuple[RelaxResult, Any, int]:
     """Relaxation with concrete arrays: ``aux`` allocated on the host and, whenever
     a step would have used an invalid one (capacity overflow), reallocated at
     the last good state with more room, up to ``MAX_REALLOCATIONS`` times.
@@ -178,9 +176,7 @@ def relax_on_host(
         # More room than the list that overflowed: a pair and a cell slot more per
         # particle for every attempt so far.
         reallocations += 1
-        state = dataclasses.replace(
-            state, aux=energy.allocate(state.positions, params, extra_capacity=reallocations)
-        )
+        state = dataclasses.replace(state, aux=energy.allocate(state.positions, params, extra_capacity=reallocations))
         (result, aux), state = _continue(energy, minimiser, params, state)
     return result, aux, reallocations
 
@@ -224,9 +220,7 @@ def warn_unconverged(status: Any, fmax: Any) -> None:
         )
 
 
-def relax(
-    system: System, positions: Any = None, params: Any = None, *, minimiser: Minimiser = FIRE()
-) -> RelaxResult:
+def relax(system: System, positions: Any = None, params: Any = None, *, minimiser: Minimiser = FIRE()) -> RelaxResult:
     """Minimise the system's energy from ``positions`` (default: the system's
     start) at ``params`` (default: the system's) until the largest
     per-particle force norm is at most ``minimiser.fmax``.

@@ -58,7 +58,7 @@ class ZeroModes:
 
 def none(positions: Array) -> ZeroModes:
     """No zero modes: the projector is the identity."""
-    return ZeroModes(jnp.ones_like(positions), jnp.zeros((0,) + positions.shape, positions.dtype))
+    return ZeroModes(jnp.ones_like(positions), jnp.zeros((0, *positions.shape), positions.dtype))
 
 
 def rigid_body_candidates(positions: Array) -> Array:
@@ -140,7 +140,9 @@ def check_spec(zero_modes: ZeroModesSpec, owner: str) -> None:
         )
 
 
-def modes_at(zero_modes: ZeroModesSpec, energy_fn: Callable[[Array, Any], Array], positions: Array, params: Any) -> ZeroModes:
+def modes_at(
+    zero_modes: ZeroModesSpec, energy_fn: Callable[[Array, Any], Array], positions: Array, params: Any
+) -> ZeroModes:
     """The zero modes at an equilibrium as ``zero_modes`` specifies them:
     detected (``"auto"``), none, or computed by a callable."""
     if isinstance(zero_modes, str):

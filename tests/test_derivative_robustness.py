@@ -67,7 +67,7 @@ def test_third_order_is_finite_and_matches_finite_differences(name: str) -> None
         treedef,
         [
             jnp.zeros_like(p) if "box" in jax.tree_util.keystr(path) else 0.1 * jax.random.normal(k, jnp.shape(p))
-            for (path, p), k in zip(leaves, keys)
+            for (path, p), k in zip(leaves, keys, strict=False)
         ],
     )
     f = jax.jit(directional(system, x0, weights, direction))
@@ -191,7 +191,9 @@ def test_free_cluster_second_order_is_the_symmetric_minimum_norm_one(dim: int) -
         hessian = np.asarray(jax.jit(jax.hessian(f))(theta))
         gradient = jax.jit(jax.grad(f))
         h = 1e-5
-        columns = [(np.asarray(gradient(theta + h * e)) - np.asarray(gradient(theta - h * e))) / (2 * h) for e in np.eye(2)]
+        columns = [
+            (np.asarray(gradient(theta + h * e)) - np.asarray(gradient(theta - h * e))) / (2 * h) for e in np.eye(2)
+        ]
         jacobian = np.stack(columns, axis=1)
         symmetric = 0.5 * (jacobian + jacobian.T)
         assert np.allclose(hessian, hessian.T, rtol=0, atol=1e-10 * np.abs(hessian).max()), name

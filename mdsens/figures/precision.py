@@ -53,7 +53,7 @@ def compute(n: int, n_points: int) -> dict[str, Any]:
         )
     )
 
-    def after(steps: jax.Array, theta: jax.Array) -> tuple[jax.Array, mdsens.RelaxResult]:
+    def after(steps: int, theta: jax.Array) -> tuple[jax.Array, mdsens.RelaxResult]:
         relaxed = mdsens.relax(p.system, params=theta, minimiser=mdsens.FIRE(max_steps=steps))
         return relaxed.positions, relaxed
 

@@ -116,7 +116,14 @@ class Kernels:
             dx, info = jax.vmap(lambda t: sensitivity_at(system, x, p, t, adjoint=adjoint))(scaled)
             de = sum(jnp.tensordot(tangents[name], grads[name], axes=grads[name].ndim) for name in grads)
             return schema.sample_record(
-                result, n_zero_modes, grads, p, solve=info, position_sensitivity=dx, energy_sensitivity=de, physics=state
+                result,
+                n_zero_modes,
+                grads,
+                p,
+                solve=info,
+                position_sensitivity=dx,
+                energy_sensitivity=de,
+                physics=state,
             )
 
         return jax.vmap(one)(state, params, valid)

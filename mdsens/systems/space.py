@@ -16,14 +16,14 @@ Array = jax.Array
 
 def species_counts(n: int, fractions: Sequence[float]) -> np.ndarray:
     """Split n particles by fractions, rounding so the counts add up to n."""
-    fractions = np.asarray(fractions, dtype=np.float64)
-    if fractions.ndim != 1 or np.any(~np.isfinite(fractions)) or np.any(fractions < 0):
-        raise ValueError(f"fractions must be finite and non-negative; got {fractions}.")
-    if not np.isclose(fractions.sum(), 1.0):
-        raise ValueError(f"fractions must add up to 1; got sum {fractions.sum()}.")
-    counts = np.floor(fractions * n).astype(int)
+    shares = np.asarray(fractions, dtype=np.float64)
+    if shares.ndim != 1 or np.any(~np.isfinite(shares)) or np.any(shares < 0):
+        raise ValueError(f"fractions must be finite and non-negative; got {shares}.")
+    if not np.isclose(shares.sum(), 1.0):
+        raise ValueError(f"fractions must add up to 1; got sum {shares.sum()}.")
+    counts = np.floor(shares * n).astype(int)
     # Hand the remaining particles to the largest remainders.
-    order = np.argsort(-(fractions * n - counts), kind="stable")
+    order = np.argsort(-(shares * n - counts), kind="stable")
     counts[order[: n - counts.sum()]] += 1
     return counts
 
@@ -71,15 +71,9 @@ def jittered_lattice(key: Array, n: int, dim: int, spacing: float, jitter: float
     """n random sites of a simple cubic (square) lattice with the given spacing,
     randomly displaced by up to ``jitter`` times the spacing: a start with no overlaps."""
     per_side = math.ceil(n ** (1.0 / dim) - 1e-9)
-    grid = np.stack(
-        np.meshgrid(*[np.arange(per_side)] * dim, indexing="ij"), axis=-1
-    ).reshape(-1, dim)
+    grid = np.stack(np.meshgrid(*[np.arange(per_side)] * dim, indexing="ij"), axis=-1).reshape(-1, dim)
     key_pick, key_jitter = jax.random.split(key)
     picked = jax.random.permutation(key_pick, grid.shape[0])[:n]
     lattice = (jnp.asarray(grid, dtype=jnp.float64)[picked] + 0.5) * spacing
-    noise = jax.random.uniform(
-        key_jitter, (n, dim), dtype=jnp.float64, minval=-jitter, maxval=jitter
-    )
+    noise = jax.random.uniform(key_jitter, (n, dim), dtype=jnp.float64, minval=-jitter, maxval=jitter)
     return lattice + noise * spacing
-
-

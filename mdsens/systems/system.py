@@ -121,7 +121,7 @@ class System:
         params = check_params(params, name)
         leaves, structure = jax.tree_util.tree_flatten_with_path(params)
         expected, expected_structure = jax.tree_util.tree_flatten_with_path(self.params)
-        if structure != expected_structure:
+        if structure != expected_structure:  # type: ignore[operator]  # PyTreeDef compares by value
             raise ValueError(
                 f"{name} must have the structure of the system's parameters "
                 f"{jax.tree_util.tree_structure(self.params)}; got {structure}."
@@ -150,7 +150,9 @@ class System:
             _, first, counts = np.unique(values, axis=0, return_index=True, return_counts=True)
             if np.any(counts > 1):
                 i = int(first[np.argmax(counts > 1)])
-                raise ValueError(f"{name}: particles sit on one point ({values[i].tolist()}, {int(np.max(counts))} of them).")
+                raise ValueError(
+                    f"{name}: particles sit on one point ({values[i].tolist()}, {int(np.max(counts))} of them)."
+                )
             if self.box is not None:
                 fractional = np.linalg.solve(np.asarray(self.box), values.T)
                 if np.max(np.abs(fractional)) > MAX_BOX_IMAGES:
