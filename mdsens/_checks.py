@@ -1,8 +1,16 @@
 """Input validation shared by the public entry points.
 
-Every check runs on the host before anything is traced or compiled, and names
-the offending argument. Values that are already tracers (the caller is inside
-``jit`` or ``vmap``) can only have their shapes and dtypes checked.
+Every check runs on the host before anything is traced or compiled, and
+raises ``ValueError`` naming the offending argument (and leaf). Values that
+are already tracers (the caller is inside ``jit`` or ``vmap``) can only have
+their shapes and dtypes checked.
+
+The rule for numbers (positions, parameters, tangents, sizes): float64 passes
+as it is; integers (Python ints, integer arrays) are converted to float64,
+which is exact up to ``2**53`` (larger ones are refused); everything else is
+refused rather than cast: lower-precision floats (float32 positions would
+carry float32 rounding into a force tolerance of 1e-12), bools (a flag is not
+a size), complex numbers, strings, None and other objects.
 """
 
 from __future__ import annotations
@@ -13,10 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+#: Integers up to this size convert to float64 exactly.
+EXACT_INTEGER = 2**53
+
 
 def require_x64(caller: str) -> None:
     """Raise if JAX would compute in float32."""
-    if not jax.config.jax_enable_x64:
+    if not jax.config.read("jax_enable_x64"):
         raise RuntimeError(
             f"{caller} needs float64: call jax.config.update('jax_enable_x64', True) "
             "at the start of your program, before creating any arrays. mdsens does "
@@ -29,24 +40,48 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def as_float64(x: Any, name: str) -> jax.Array:
-    """Convert a scalar, list or array to float64 without silent downcasts."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and dtype != jnp.float64:
+def _check_dtype(dtype: Any, name: str) -> None:
+    if dtype == np.float64 or np.issubdtype(dtype, np.integer):  # numpy's bool is no integer
+        return
+    if np.issubdtype(dtype, np.floating):
         raise ValueError(
-            f"{name} has dtype {dtype}; mdsens computes in float64 and does not "
-            "cast silently. Pass float64 arrays."
+            f"{name} has dtype {dtype}; mdsens computes in float64 and does not cast silently. Pass float64 arrays."
         )
-    if dtype is not None and not (
-        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-    ):
-        raise ValueError(f"{name} has dtype {dtype}; expected a real number array.")
-    return jnp.asarray(x, dtype=jnp.float64)
+    raise ValueError(f"{name} has dtype {dtype}; expected real numbers (float64, or integers converted exactly).")
+
+
+def as_float64(x: Any, name: str) -> jax.Array:
+    """``x`` (a number, nested sequence or array) as a float64 array, by the
+    rule of this module; ``ValueError`` naming ``name`` otherwise."""
+    values: Any = x
+    if isinstance(x, jax.Array):  # also tracers: only the dtype can be checked
+        _check_dtype(x.dtype, name)
+    else:
+        if x is None or isinstance(x, (str, bytes)):
+            raise ValueError(f"{name} must be a number or an array of numbers; got {x!r}.")
+        try:
+            values = np.asarray(x)
+        except (TypeError, ValueError) as error:  # ragged nesting
+            raise ValueError(f"{name} must be a number or a rectangular array of numbers ({error}).") from None
+        _check_dtype(values.dtype, name)
+    if values.dtype == jnp.float64:
+        return jnp.asarray(values)
+    if is_concrete(values) and np.any(np.abs(np.asarray(values, dtype=np.float64)) > EXACT_INTEGER):
+        raise ValueError(f"{name} holds integers beyond 2**53, which float64 cannot represent exactly.")
+    return jnp.asarray(values, dtype=jnp.float64)
 
 
 def check_finite(x: Any, name: str) -> None:
     if is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
         raise ValueError(f"{name} contains NaN or inf.")
+
+
+def check_positive(value: Any, name: str) -> None:
+    """``value`` (a number or array, by the rule of this module) is finite and
+    positive in every entry: sizes and energy scales."""
+    values = as_float64(value, name)
+    if is_concrete(values) and not np.all(np.isfinite(values) & (np.asarray(values) > 0)):
+        raise ValueError(f"{name} must be finite and positive; got {np.asarray(values).tolist()}.")
 
 
 def check_positions(positions: Any, name: str = "positions") -> jax.Array:
@@ -73,23 +108,3 @@ def check_params(params: Any, name: str = "params") -> Any:
         check_finite(leaf, leaf_name)
         converted.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, converted)
-
-
-def check_positive(value: Any, name: str) -> None:
-    if is_concrete(value) and not np.all(np.asarray(value) > 0):
-        raise ValueError(f"{name} must be positive; got {np.asarray(value)}.")
-
-
-def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
-
-
-def check_relax_options(fmax: float, max_steps: int, dt_max: float) -> None:
-    """The relaxation's tolerance, step budget and time step."""
-    for name, value in (("fmax", fmax), ("dt_max", dt_max)):
-        if not np.isfinite(value):
-            raise ValueError(f"{name} must be finite; got {value}.")
-        check_positive(value, name)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"max_steps must be an integer >= 1; got {max_steps!r}.")
