@@ -37,10 +37,14 @@ def curvature_bounds(
     size = modes.mask.size
     steps = min(iterations, size)
 
-    def operator(v: Array) -> Array:
-        return modes.project(hvp(modes.project(v.reshape(shape)))).reshape(-1)
-
     start = modes.project(jax.random.normal(jax.random.PRNGKey(1), shape, modes.mask.dtype)).reshape(-1)
+    # Lanczos on (P H P) / s, s = max |H z|: squared norms of a tiny Hessian would underflow.
+    unit = jnp.max(jnp.abs(hvp(start.reshape(shape))))
+    unit = jnp.where(unit > 0, unit, 1.0)
+
+    def operator(v: Array) -> Array:
+        return modes.project(hvp(modes.project(v.reshape(shape))) / unit).reshape(-1)
+
     start_norm = jnp.linalg.norm(start)
     v = start / jnp.where(start_norm > 0, start_norm, 1.0)
     basis = jnp.zeros((steps, size), v.dtype)
@@ -62,7 +66,7 @@ def curvature_bounds(
 
     _, alphas, betas, _, _ = jax.lax.fori_loop(0, steps, step, (basis, alphas, betas, v, jnp.zeros((), v.dtype)))
     tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-    ritz = jnp.linalg.eigvalsh(tridiagonal)
+    ritz = jnp.linalg.eigvalsh(tridiagonal) * unit
     return ritz[0], ritz[-1]
 
 

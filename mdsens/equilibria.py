@@ -194,6 +194,8 @@ def sensitivity_at(
     relaxation), and the solve's diagnostics; traceable (a neighbor list is
     built there with the energy's build-time capacity)."""
     check_adjoint(adjoint, (Implicit,), "mdsens.sensitivity_at")
+    positions, params = system.inputs(positions, params)
+    tangent = system.check_params(tangent, "tangent")
     energy_fn = system.energy.bind(system.energy.build(positions, params))
     return adjoint.jvp(energy_fn, positions, params, tangent)
 

@@ -107,14 +107,19 @@ def detect(hvp: Callable[[Array], Array], positions: Array, rtol: float = 1e-6) 
     # Gaussian, not Rademacher: with +-1 entries a particle whose neighbours all
     # drew its own sign has a zero block of H z (rows of H sum to zero).
     probe = jax.random.normal(jax.random.PRNGKey(0), positions.shape, positions.dtype)
+    # Norms of a tiny Hessian (entries ~1e-162) underflow when squared: work with
+    # H / s, s = max |H z|, which has the same null space.
     response = hvp(probe)
+    unit = jnp.max(jnp.abs(response))
+    unit = jnp.where(unit > 0, unit, 1.0)
+    response = response / unit
     block_norm = jnp.linalg.norm(response, axis=-1)
     interacting = block_norm > rtol * jnp.max(block_norm)
     mask = jnp.broadcast_to(interacting[:, None], positions.shape).astype(positions.dtype)
     scale = jnp.linalg.norm(response) / jnp.linalg.norm(probe)
 
     candidates = rigid_body_candidates(positions) * mask
-    residuals = jax.vmap(lambda m: jnp.linalg.norm(hvp(m)))(candidates)
+    residuals = jax.vmap(lambda m: jnp.linalg.norm(hvp(m) / unit))(candidates)
     norms = jnp.linalg.norm(candidates.reshape(candidates.shape[0], -1), axis=1)
     keep = (residuals <= rtol * scale * norms) & (norms > 0)
     return ZeroModes(mask, _orthonormalise(candidates, keep))

@@ -306,7 +306,6 @@ def test_observables_of_any_state(packing: mdsens.System, data: st.DataObject) -
     assert float(observables.contact_number(packing, x, params)) == pytest.approx(z, rel=1e-15)
 
 
-@pytest.mark.xfail(strict=True, reason="observables do not check positions and params (contact_network.py, virial.py)")
 @settings(bounded(10), phases=[Phase.generate])  # every example fails until fixed: no shrinking
 @given(
     which=st.sampled_from(["energy", "pressure", "overlaps", "contact_number"]),

@@ -135,8 +135,6 @@ def case(name: str, call: Call, match: str, defect: str | None = None) -> Any:
 
 NOT_POSITIVE = "builders do not declare System.positive, so relax takes non-positive sizes (builders.py)"
 BUILDER_SCALARS = "builders check dim, phi and seed by value, not type (builders.py)"
-OBSERVABLES = "observables do not check positions and params (contact_network.py, virial.py: system.inputs)"
-SENSITIVITY_AT = "sensitivity_at checks neither positions, params nor tangent (equilibria.py)"
 MIN_IMAGE = "params whose interaction range exceeds half the box are accepted: the minimum image breaks (system.py)"
 DIAMETERS, EPSILON, ALPHA, BOX = (rf"params\['{k}'\]" for k in ("diameters", "epsilon", "alpha", "box"))
 NEGATE = jnp.negative
@@ -188,7 +186,7 @@ CASES = [
     case("morse_negative_alpha", check_params_with("morse", alpha=NEGATE), ALPHA + ".*positive", NOT_POSITIVE),
     case("diameters_beyond_half_box", relax_with(diameters=jnp.array([1.0, 3.0])), DIAMETERS, MIN_IMAGE),
     case("box_below_twice_the_range", relax_with(box=lambda box: 0.5 * box), BOX, MIN_IMAGE),
-    case("own_positive_not_a_param", own(params={"a": 1.0}, positive=("b",)), "positive.*'b'", "from_energy: KeyError"),
+    case("own_positive_not_a_param", own(params={"a": 1.0}, positive=("b",)), "positive.*'b'"),
     # Options are values, checked when built.
     case("fmax_string", lambda s: FIRE(fmax="a"), "fmax"),
     case("fmax_none", lambda s: FIRE(fmax=None), "fmax"),
@@ -248,7 +246,6 @@ CASES = [
         "sensitivity_at_tangent_structure",
         lambda s: mdsens.sensitivity_at(s.packing, s.packing.positions, s.packing.params, {"epsilon": 1.0}),
         "tangent",
-        SENSITIVITY_AT,
     ),
     case(
         "sensitivity_at_nan_positions",
@@ -256,7 +253,6 @@ CASES = [
             s.packing, nan_at_first(s.packing.positions), s.packing.params, s.packing.params
         ),
         "positions.*NaN",
-        SENSITIVITY_AT,
     ),
     case(
         "energy_sensitivity_nan",
@@ -265,17 +261,17 @@ CASES = [
     ),
     case("hessian_diagonal_3d", lambda s: s.packing.hessian_diagonal(distinct(16, 3)), r"positions.*\(16, 2\)"),
     # Observables check their inputs as relax does.
-    case("contact_number_nan_positions", observe("contact_number", nan_at_first), "positions.*NaN", OBSERVABLES),
-    case("contact_number_nan_diameters", observe("contact_number", diameters=nan_at_first), DIAMETERS, OBSERVABLES),
-    case("contact_number_float32", observe("contact_number", lambda x: x.astype(jnp.float32)), "float32", OBSERVABLES),
-    case("contact_number_3d_positions", observe("contact_number", distinct(16, 3)), r"\(16, 2\)", OBSERVABLES),
-    case("contacts_nan_positions", observe("contacts", nan_at_first), "positions.*NaN", OBSERVABLES),
-    case("overlaps_diameters_15", observe("overlaps", diameters=jnp.ones(15)), DIAMETERS, OBSERVABLES),
-    case("energy_nan_positions", observe("energy", nan_at_first), "positions.*NaN", OBSERVABLES),
-    case("stress_nan_positions", observe("stress", nan_at_first), "positions.*NaN", OBSERVABLES),
-    case("pressure_nan_epsilon", observe("pressure", epsilon=jnp.nan), EPSILON + ".*NaN", OBSERVABLES),
-    case("stress_params_structure", observe("stress", box=None), "params.*structure", OBSERVABLES),
-    case("rattlers_dim_fraction", lambda s: observables.rattlers(np.ones((4, 4), bool), 2.5), "dim", "int(dim)"),
+    case("contact_number_nan_positions", observe("contact_number", nan_at_first), "positions.*NaN"),
+    case("contact_number_nan_diameters", observe("contact_number", diameters=nan_at_first), DIAMETERS),
+    case("contact_number_float32", observe("contact_number", lambda x: x.astype(jnp.float32)), "float32"),
+    case("contact_number_3d_positions", observe("contact_number", distinct(16, 3)), r"\(16, 2\)"),
+    case("contacts_nan_positions", observe("contacts", nan_at_first), "positions.*NaN"),
+    case("overlaps_diameters_15", observe("overlaps", diameters=jnp.ones(15)), DIAMETERS),
+    case("energy_nan_positions", observe("energy", nan_at_first), "positions.*NaN"),
+    case("stress_nan_positions", observe("stress", nan_at_first), "positions.*NaN"),
+    case("pressure_nan_epsilon", observe("pressure", epsilon=jnp.nan), EPSILON + ".*NaN"),
+    case("stress_params_structure", observe("stress", box=None), "params.*structure"),
+    case("rattlers_dim_fraction", lambda s: observables.rattlers(np.ones((4, 4), bool), 2.5), "dim"),
 ]
 
 
@@ -312,7 +308,6 @@ def test_float64_inputs_are_not_copied_or_changed(built: Systems) -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason=OBSERVABLES)
 def test_observables_take_python_numbers(built: Systems) -> None:
     """Parameters as Python numbers (valid input: converted as relax converts
     them) give the same observables as float64 arrays."""
@@ -334,7 +329,6 @@ def test_linear_trimer_is_a_saddle_not_converged(built: Systems) -> None:
     assert float(result.lowest_curvature) == pytest.approx(lowest, rel=1e-8)
 
 
-@pytest.mark.xfail(strict=True, reason="zero_modes.detect: squared Hessian entries ~1e-162 underflow (zero_modes.py)")
 def test_cluster_flung_apart_is_not_converged(built: Systems) -> None:
     """Two particles 1/64 apart fling each other 3.6e20 away in one step: every
     force is below 1e-140, but the three particles apart are no minimum (their

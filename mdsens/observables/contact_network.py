@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from mdsens._values import count
 from mdsens.systems.system import System
 
 Array = jax.Array
@@ -39,6 +40,7 @@ def _distances(positions: Array, box: Array | None) -> Array:
 def overlaps(system: System, positions: Array, params: Any) -> Array:
     """``(N, N)`` dimensionless overlaps ``max(0, 1 - r_ij / sigma_ij)``, ``sigma_ij = (d_i + d_j)/2``;
     zero on the diagonal. Differentiable in positions, diameters and box."""
+    positions, params = system.inputs(positions, params)
     d = _diameters(system, positions, params)
     r = _distances(positions, params.get("box"))
     sigma = 0.5 * (d[:, None] + d[None, :])
@@ -69,7 +71,7 @@ def rattlers(contact_matrix: ArrayLike, dim: int) -> Array:
     contact_matrix = jnp.asarray(contact_matrix, bool)
     if contact_matrix.ndim != 2 or contact_matrix.shape[0] != contact_matrix.shape[1]:
         raise ValueError(f"contact_matrix must be square (N, N); got shape {contact_matrix.shape}.")
-    return _rattlers(contact_matrix, int(dim) + 1)
+    return _rattlers(contact_matrix, count(dim, "dim", "rattlers") + 1)
 
 
 def contact_number(

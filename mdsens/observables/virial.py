@@ -44,6 +44,7 @@ def strained_energy(energy_fn: EnergyFn) -> Callable[[Array, tuple[Any, Array]],
 
 def energy(system: System, positions: Array, params: Any) -> Array:
     """Total energy ``system.energy(positions, params)``."""
+    positions, params = system.inputs(positions, params)
     return system.energy(positions, params)
 
 
@@ -57,6 +58,7 @@ def stress(system: System, positions: Array, params: Any) -> Array:
     positive); differentiable in positions and params. Raises ``ValueError`` for a
     system without a periodic box."""
     check_deformable(system, "stress")
+    positions, params = system.inputs(positions, params)
     return _stress(system.energy, positions, params)
 
 

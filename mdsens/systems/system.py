@@ -93,6 +93,9 @@ class System:
                 raise ValueError(f"species must be {n} non-negative integers, one per particle; got {species!r}.")
             species = jnp.asarray(species, jnp.int32)
         dt_max = positive_float(dt_max, "dt_max", "System.from_energy")
+        missing = [key for key in positive if not isinstance(params, dict) or key not in params]
+        if missing:
+            raise ValueError(f"System.from_energy: positive names {missing}, which are not keys of params.")
         system = cls(as_energy(energy), params, positions, box, species, dt_max, tuple(positive))
         system.check_params(params)
         return system
