@@ -50,7 +50,7 @@ class NeighborListEnergy:
             and cutoff).
         skin: list cutoff minus the largest range (default
             ``DEFAULT_SKIN_FRACTION`` times the range).
-        capacity_multiplier: headroom of every allocation.
+        capacity_multiplier: pair-capacity headroom of every allocation.
 
     Derivatives: the gradient is a custom JVP rule (pair forces summed with
     segment sums) and its own JVP is an explicit Hessian-vector product
@@ -117,8 +117,9 @@ class NeighborListEnergy:
     ) -> Neighbors:
         """A list for ``positions`` and ``params`` (host only, concrete arrays):
         cutoff ``interaction_range(params) + skin``, box ``params["box"]``,
-        capacity ``capacity_multiplier`` times what the positions need, plus
-        ``extra_capacity`` pairs per particle and particles per cell, rounded up."""
+        pair capacity ``capacity_multiplier`` times what the positions need (cell
+        capacity :data:`~mdsens.neighbors.lists.CELL_CAPACITY_MULTIPLIER` times),
+        plus ``extra_capacity`` pairs per particle and particles per cell, rounded up."""
         box = lists.as_box(params["box"], self.dim)
         skin = self.skin if skin is None else skin
         multiplier = self.capacity_multiplier if capacity_multiplier is None else capacity_multiplier
@@ -142,7 +143,7 @@ class NeighborListEnergy:
 
     def freeze(self, positions: Array, params: Params) -> Neighbors:
         """A list for one state that does not move (host only): no skin and no
-        spare capacity (beyond rounding), just the pairs within the interaction
+        spare pair capacity (beyond rounding), just the pairs within the interaction
         range (plus a 1e-6 relative margin). Exact for the energy and all its
         derivatives at ``positions`` and ``params``: infinitesimal changes
         create no new pair. :func:`mdsens.equilibrium_jvp` and ``_vjp`` solve

@@ -24,8 +24,14 @@ Array = jax.Array
 NEIGHBOR_LIST_THRESHOLD = 2000
 #: Default skin, as a fraction of the largest interaction range.
 DEFAULT_SKIN_FRACTION = 0.25
-#: Default capacity headroom of a fresh allocation (pairs and cell occupancy).
-DEFAULT_CAPACITY_MULTIPLIER = 1.5
+#: Default pair-capacity headroom of a fresh allocation, before rounding up
+#: (:func:`_round_capacity`, up to 12.5% more). Small: a relaxation from a random start
+#: holds more pairs at its start than later, every pair slot costs in every step, and an
+#: overflow is still exact (reallocated on the host).
+DEFAULT_CAPACITY_MULTIPLIER = 1.1
+#: Cell-occupancy headroom of every allocation. Cells cost only in rebuilds, and their
+#: capacity sets the order of the pairs, hence the rounding of every sum over them.
+CELL_CAPACITY_MULTIPLIER = 1.5
 #: Most host reallocations in one relaxation.
 MAX_REALLOCATIONS = 10
 
@@ -49,6 +55,8 @@ class Neighbors:
             holds the wrapped fractional positions of the last rebuild).
         i, j: the pairs as index arrays (``i`` ascending, ``j < i``), padding
             replaced by ``N - 1``; ``mask`` marks the real pairs.
+        reference: the positions of the last rebuild, as given (not wrapped):
+            the skin rule measures displacements from them.
         flags: int32 bit set, sticky: 1 capacity overflow, 2 interaction range
             reached the list cutoff, 4 call-time box differs from ``box``.
         rebuilds: how many times the list was rebuilt since allocation.
@@ -60,6 +68,7 @@ class Neighbors:
     i: Array
     j: Array
     mask: Array
+    reference: Array
     flags: Array
     rebuilds: Array
     cutoff: float = dataclasses.field(metadata=dict(static=True))
@@ -163,13 +172,24 @@ def _list_fns(box_key: tuple, list_cutoff: float, cells: int) -> tuple[Any, Call
 
     # dr_threshold=0: update always rebuilds; mdsens decides when (the skin rule).
     fns = partition.neighbor_list(
-        displacement, box, list_cutoff * (1.0 + _CUTOFF_MARGIN), dr_threshold=0.0,
-        fractional_coordinates=True, format=partition.OrderedSparse,
+        displacement,
+        box,
+        list_cutoff * (1.0 + _CUTOFF_MARGIN),
+        dr_threshold=0.0,
+        fractional_coordinates=True,
+        format=partition.OrderedSparse,
     )
     # A minimum cell size a little below 1 / cells, so that jax-md's floor gives `cells`.
     minimum = 1.0 / (cells + 0.5)
     template = partition.NeighborList(
-        None, None, None, None, None, partition.OrderedSparse, 1.0 / cells, partition.cell_list(1.0, minimum),
+        None,
+        None,
+        None,
+        None,
+        None,
+        partition.OrderedSparse,
+        1.0 / cells,
+        partition.cell_list(1.0, minimum),
         fns.update,
     )
 
@@ -219,10 +239,10 @@ def allocate(
     positions: Array, box: np.ndarray, cutoff: float, capacity_multiplier: float, extra_capacity: int = 0
 ) -> Neighbors:
     """A list for ``positions`` (host only, concrete arrays) in the checked box
-    ``box`` (:func:`as_box`) with list cutoff ``cutoff``: capacity
-    ``capacity_multiplier`` times what the positions need, plus
-    ``extra_capacity`` pairs per particle and particles per cell, rounded up
-    (:func:`_round_capacity`)."""
+    ``box`` (:func:`as_box`) with list cutoff ``cutoff``: pair capacity
+    ``capacity_multiplier`` times what the positions need (cell capacity
+    ``CELL_CAPACITY_MULTIPLIER`` times), plus ``extra_capacity`` pairs per
+    particle and particles per cell, rounded up (:func:`_round_capacity`)."""
     n, dim = positions.shape
     template, prepare = _list_fns(_box_key(box), cutoff, _cells_per_side(box, cutoff))
     # The cell capacity from the fullest cell; a list with room for every
@@ -230,15 +250,13 @@ def allocate(
     # (jax-md's own allocate runs op by op, and compiles each op anew for every
     # new size: seconds. These are three compiled calls.)
     s, fullest = prepare(jnp.asarray(positions))
-    cell_capacity = _round_capacity(int(int(fullest) * capacity_multiplier) + extra_capacity)
-    template = dataclasses.replace(
-        template, cell_list_capacity=cell_capacity, max_occupancy=n * 3**dim * cell_capacity
-    )
+    cell_capacity = _round_capacity(int(int(fullest) * CELL_CAPACITY_MULTIPLIER) + extra_capacity)
+    template = dataclasses.replace(template, cell_list_capacity=cell_capacity, max_occupancy=n * 3**dim * cell_capacity)
     pairs, count = _all_pairs_within(template, s)
     capacity = _round_capacity(int(int(count) * capacity_multiplier) + n * extra_capacity)
     pairs, i, j, mask = _truncated(pairs, capacity)
     flags = jnp.asarray(OVERFLOW if bool(pairs.did_buffer_overflow) else 0, jnp.int32)
-    return Neighbors(pairs, i, j, mask, flags, jnp.zeros((), jnp.int32), cutoff, _box_key(box))
+    return Neighbors(pairs, i, j, mask, jnp.asarray(positions), flags, jnp.zeros((), jnp.int32), cutoff, _box_key(box))
 
 
 def static_template(neighbors: Neighbors) -> Neighbors:
@@ -247,7 +265,14 @@ def static_template(neighbors: Neighbors) -> Neighbors:
     that would end up in compiled functions."""
     return Neighbors(
         dataclasses.replace(neighbors.pairs, idx=None, reference_position=None, error=None),
-        None, None, None, None, None, neighbors.cutoff, neighbors.box,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        neighbors.cutoff,
+        neighbors.box,
     )
 
 
@@ -260,7 +285,7 @@ def build(template: Neighbors, positions: Array, reach: Array, box: Array) -> Ne
     s = _fractional(jnp.linalg.inv(list_box), positions)
     pairs = _blank_pairs(template.pairs, s, n).update(s)
     indices = _pair_indices(pairs, n)
-    neighbors = Neighbors(pairs, *indices, None, jnp.zeros((), jnp.int32), template.cutoff, template.box)
+    neighbors = Neighbors(pairs, *indices, positions, None, jnp.zeros((), jnp.int32), template.cutoff, template.box)
     return dataclasses.replace(neighbors, flags=flags_at(neighbors, reach, box))
 
 
@@ -269,16 +294,17 @@ def update(neighbors: Neighbors, positions: Array, reach: Array, box: Array) -> 
     box ``box`` (traceable, fixed capacity): rebuilt if the skin rule
     ``reach + 2 max|x - x_ref| < cutoff`` fails, flagged if it cannot hold them."""
     n = positions.shape[0]
-    list_box = jnp.asarray(neighbors.box, dtype=positions.dtype)
-    s = _fractional(jnp.linalg.inv(list_box), positions)
-    ds = s - neighbors.pairs.reference_position
-    moved = jnp.max(jnp.sum(jnp.stack(matvec_rows(list_box, ds - jnp.round(ds)), axis=-1) ** 2, axis=-1))
+    # Displacements since the last rebuild as they are (positions are never
+    # wrapped, so no minimum image: fewer operations in every step; a particle
+    # moved by a box vector only causes an early rebuild).
+    moved = jnp.max(jnp.sum((positions - neighbors.reference) ** 2, axis=-1))
     # R + 2 max|dx| < C, squared without the square root.
     stale = 4.0 * moved >= (neighbors.cutoff - reach) ** 2
 
     def rebuild(old: Neighbors) -> Neighbors:
+        s = _fractional(jnp.asarray(np.linalg.inv(np.asarray(old.box))), positions)
         pairs = old.pairs.update(s)
-        return dataclasses.replace(old, pairs=pairs, rebuilds=old.rebuilds + 1).replace_indices(n)
+        return dataclasses.replace(old, pairs=pairs, reference=positions, rebuilds=old.rebuilds + 1).replace_indices(n)
 
     neighbors = jax.lax.cond(stale, rebuild, lambda old: old, neighbors)
     return dataclasses.replace(neighbors, flags=flags_at(neighbors, reach, box))

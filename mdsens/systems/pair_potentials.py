@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax_md import energy as jmd_energy
 
 Array = jax.Array
@@ -25,6 +26,57 @@ def morse_pair(r: Array, sigma: Array, epsilon: Array, alpha: Array, **unused: A
     0 * NaN into NaN in every second derivative of x*."""
     base = 1.0 - jnp.exp(-alpha * (r - sigma))
     return epsilon * (base * base - 1.0)
+
+
+def soft_sphere_pair(r: Array, sigma: Array, epsilon: Array, alpha: Array, **unused: Any) -> Array:
+    r"""Soft spheres :math:`\frac{\epsilon}{\alpha}(1 - r/\sigma)^\alpha` for
+    :math:`r < \sigma`, zero beyond: jax-md's ``soft_sphere`` with the power
+    taken by :func:`overlap_power` (cheap for the common integer exponents, and
+    exact in every derivative, ``alpha`` included)."""
+    u = 1.0 - r / sigma
+    overlap = u > 0
+    # 1 where there is no overlap: every derivative stays finite there (log 1 = 0).
+    return jnp.where(overlap, epsilon / alpha * overlap_power(jnp.where(overlap, u, 1.0), alpha), 0.0)
+
+
+#: Exponents that :func:`overlap_power` takes by multiplication instead of ``pow``.
+_INTEGER_EXPONENTS = (0.0, 1.0, 2.0, 3.0)
+
+
+def _power_value(u: Array, a: Array) -> Array:
+    if jnp.ndim(a) != 0:
+        return u**a
+    # One branch runs (a scalar predicate): the harmonic force evaluates no pow.
+    branches = [lambda: jnp.ones_like(u), lambda: u, lambda: u * u, lambda: u * u * u, lambda: u**a]
+    matches = a == jnp.asarray(_INTEGER_EXPONENTS)
+    index = jnp.where(jnp.any(matches), jnp.argmax(matches), len(_INTEGER_EXPONENTS))
+    return jax.lax.switch(index, branches)
+
+
+@jax.custom_jvp
+def overlap_power(u: Array, a: Array) -> Array:
+    r""":math:`u^a` for ``u > 0``, by multiplication when ``a`` is a scalar in
+    {0, 1, 2, 3}, else by ``pow``; the same value up to rounding. Its JVP,
+    :math:`a u^{a-1} \dot u + u^a \log(u) \dot a`, is written with
+    :func:`overlap_power` again, so derivatives of every order in ``u`` stay
+    cheap, and the one in ``a`` (the log term) is computed only when ``a`` has a
+    tangent."""
+    return _power_value(u, a)
+
+
+def _overlap_power_jvp(primals: tuple[Array, Array], tangents: tuple[Any, Any]) -> tuple[Array, Array]:
+    u, a = primals
+    du, da = tangents
+    value = overlap_power(u, a)
+    tangent = jnp.zeros_like(value)
+    if not isinstance(du, SymbolicZero):
+        tangent = tangent + a * overlap_power(u, a - 1.0) * du
+    if not isinstance(da, SymbolicZero):
+        tangent = tangent + value * jnp.log(u) * da
+    return value, tangent
+
+
+overlap_power.defjvp(_overlap_power_jvp, symbolic_zeros=True)
 
 
 def smooth_cutoff(pair_fn: Callable[..., Array], r_onset: float, r_cutoff: float) -> Callable[..., Array]:
@@ -58,5 +110,3 @@ def without_self_pairs(pair_fn: Callable[..., Array]) -> Callable[..., Array]:
         return jnp.where(coincident, 0.0, pair_fn(jnp.where(coincident, 1.0, r), *args, **kwargs))
 
     return safe_fn
-
-
