@@ -130,6 +130,7 @@ class NeighborListEnergy:
         """A list built from scratch at ``positions`` with the capacities and
         cutoff allocated by :meth:`create` (traceable): what standalone calls
         and relaxations under ``jit`` use."""
+        assert self.template is not None, "NeighborListEnergy.create allocates the template"
         return lists.build(self.template, positions, self.interaction_range(params), params["box"])
 
     def update(self, aux: Neighbors, positions: Array, params: Params) -> Neighbors:

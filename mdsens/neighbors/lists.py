@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -64,13 +65,14 @@ class Neighbors:
         box: the box the list was built for, as nested tuples.
     """
 
+    # Arrays, or None in a static template (static_template).
     pairs: Any
-    i: Array
-    j: Array
-    mask: Array
-    reference: Array
-    flags: Array
-    rebuilds: Array
+    i: Any
+    j: Any
+    mask: Any
+    reference: Any
+    flags: Any
+    rebuilds: Any
     cutoff: float = dataclasses.field(metadata=dict(static=True))
     box: tuple = dataclasses.field(metadata=dict(static=True))
 
@@ -122,7 +124,7 @@ def matvec_rows(matrix: Array, rows: Array) -> list[Array]:
     product is slow as a matrix multiplication on CPU (library call per tiny dot)."""
     dim = rows.shape[-1]
     comps = [rows[..., k] for k in range(dim)]
-    return [sum(comps[k] * matrix[a, k] for k in range(dim)) for a in range(dim)]
+    return [functools.reduce(operator.add, [comps[k] * matrix[a, k] for k in range(dim)]) for a in range(dim)]
 
 
 def _fractional(box_inverse: Array, positions: Array) -> Array:

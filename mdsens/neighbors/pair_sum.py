@@ -153,7 +153,7 @@ def _is_zero(tangent: Any) -> bool:
 
 def _instantiate(tangent: Any) -> Any:
     return jax.tree_util.tree_map(
-        lambda t: jnp.zeros(t.aval.shape, t.aval.dtype) if isinstance(t, SymbolicZero) else t,
+        lambda t: jnp.zeros(t.aval.shape, t.aval.dtype) if isinstance(t, SymbolicZero) else t,  # type: ignore[attr-defined]
         tangent,
         is_leaf=lambda t: isinstance(t, SymbolicZero),
     )
