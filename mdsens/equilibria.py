@@ -153,7 +153,7 @@ def equilibrium_jvp(
     arrays, a neighbor-list energy relaxes on the host (reallocating its list
     if needed) and solves with a list frozen at x*.
     """
-    tangent = system.check_params(tangent, "tangent")
+    tangent = system.check_params(tangent, "tangent", tangent=True)
     params, result, aux = _relaxed_for_derivative(
         "mdsens.equilibrium_jvp", system, params, positions, minimiser, adjoint
     )
@@ -195,7 +195,7 @@ def sensitivity_at(
     built there with the energy's build-time capacity)."""
     check_adjoint(adjoint, (Implicit,), "mdsens.sensitivity_at")
     positions, params = system.inputs(positions, params)
-    tangent = system.check_params(tangent, "tangent")
+    tangent = system.check_params(tangent, "tangent", tangent=True)
     energy_fn = system.energy.bind(system.energy.build(positions, params))
     return adjoint.jvp(energy_fn, positions, params, tangent)
 

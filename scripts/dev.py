@@ -49,7 +49,7 @@ def ensure_environment() -> None:
     pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     # pip >= 25.1 reads PEP 735 dependency groups (--group).
     subprocess.run([*pip, "--upgrade", "pip>=25.1"], check=True)
-    subprocess.run([*pip, "-e", str(ROOT), "--group", f"{ROOT / 'pyproject.toml'}:test"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[io]", "--group", f"{ROOT / 'pyproject.toml'}:test"], check=True)
     STAMP.write_text(wanted)
 
 

@@ -26,13 +26,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import energy as jmd_energy
-from jax_md import smap, space
 
-from mdsens import neighbors as nl
 from mdsens._checks import as_float64, check_finite, check_params, check_positive, require_x64
-from mdsens.systems.energy import FunctionEnergy
-from mdsens.systems.pair_potentials import lennard_jones_pair, morse_pair, smooth_cutoff, without_self_pairs
+from mdsens._values import count, positive_float
+from mdsens.systems.pair_energies import soft_sphere_energy, species_matrix, species_pair_energy
+from mdsens.systems.pair_potentials import lennard_jones_pair, morse_pair
 from mdsens.systems.space import (
     check_min_image,
     jittered_lattice,
@@ -44,35 +42,13 @@ from mdsens.systems.space import (
 from mdsens.systems.system import System
 
 Array = jax.Array
-Params = dict[str, Array]
 
 
-def _check_size(n: int, dim: int) -> None:
-    if not isinstance(n, (int, np.integer)) or n < 2:
-        raise ValueError(f"n must be an integer >= 2; got {n!r}.")
-    if dim not in (2, 3):
-        raise ValueError(f"dim must be 2 or 3; got {dim!r}.")
-
-
-def _pair_matrix(species_matrix: Array, species: Array) -> Array:
-    """Expand an S x S species matrix to the N x N matrix of particle pairs."""
-    return species_matrix[species[:, None], species[None, :]]
-
-
-def _species_matrix(values: Any, n_species: int, name: str) -> Array:
-    """Accept a scalar or an S x S symmetric matrix, return the S x S matrix."""
-    values = as_float64(values, name)
-    if values.ndim == 0:
-        values = jnp.full((n_species, n_species), values)
-    if values.shape != (n_species, n_species):
-        raise ValueError(
-            f"{name} must be a scalar or a {n_species} x {n_species} matrix; got "
-            f"shape {values.shape}."
-        )
-    check_finite(values, name)
-    if not np.allclose(values, values.T):
-        raise ValueError(f"{name} must be symmetric.")
-    return values
+def _check_size(n: Any, dim: Any, seed: Any, owner: str) -> None:
+    count(n, "n", owner, minimum=2)
+    count(seed, "seed", owner, minimum=0)
+    if count(dim, "dim", owner, minimum=2) not in (2, 3):
+        raise ValueError(f"{owner}: dim must be 2 or 3; got {dim!r}.")
 
 
 def soft_sphere_packing(
@@ -104,41 +80,30 @@ def soft_sphere_packing(
     ``params`` at call time), its skin a quarter of it.
     """
     require_x64("soft_sphere_packing")
-    _check_size(n, dim)
-    diameters = np.asarray(as_float64(diameters, "diameters"))
-    if diameters.ndim != 1:
-        raise ValueError(f"diameters must be a sequence, one per species; got {diameters}.")
-    check_finite(diameters, "diameters")
-    check_positive(diameters, "diameters")
+    _check_size(n, dim, seed, "soft_sphere_packing")
+    sizes = np.asarray(as_float64(diameters, "diameters"))
+    if sizes.ndim != 1:
+        raise ValueError(f"diameters must be a sequence, one per species; got {sizes}.")
+    check_finite(sizes, "diameters")
+    check_positive(sizes, "diameters")
     check_positive(epsilon, "epsilon")
     check_positive(alpha, "alpha")
-    check_finite(np.asarray([phi, alpha, epsilon], dtype=np.float64), "phi, alpha and epsilon")
-    if len(fractions) != len(diameters):
+    phi = positive_float(phi, "phi", "soft_sphere_packing")
+    if not isinstance(per_particle_diameters, (bool, np.bool_)):
+        raise ValueError(f"per_particle_diameters must be True or False; got {per_particle_diameters!r}.")
+    if len(fractions) != len(sizes):
         raise ValueError(
-            f"fractions ({len(fractions)} entries) and diameters ({len(diameters)}) "
-            "must have one entry per species."
+            f"fractions ({len(fractions)} entries) and diameters ({len(sizes)}) must have one entry per species."
         )
-    if not phi > 0:
-        raise ValueError(f"phi must be positive; got {phi}.")
     counts = species_counts(n, fractions)
     species = species_array(counts)
     unit_volume = math.pi / 4.0 if dim == 2 else math.pi / 6.0
-    particle_volume = float(np.sum(counts * unit_volume * diameters**dim))
+    particle_volume = float(np.sum(counts * unit_volume * sizes**dim))
     side = (particle_volume / phi) ** (1.0 / dim)
-    check_min_image(side, float(diameters.max()), "phi")
+    check_min_image(side, float(sizes.max()), "phi")
 
-    box, displacement_fn = periodic_space(side, dim)
-    pair_energy = smap.pair(jmd_energy.soft_sphere, space.metric(displacement_fn))
-
-    def energy_fn(positions: Array, params: Params) -> Array:
-        d = params["diameters"]
-        d = d if d.shape[0] == positions.shape[0] else d[species]
-        sigma = 0.5 * (d[:, None] + d[None, :])
-        return pair_energy(
-            positions, box=params["box"], sigma=sigma, epsilon=params["epsilon"], alpha=params["alpha"]
-        )
-
-    species_diameters = jnp.asarray(diameters)
+    box, _ = periodic_space(side, dim)
+    species_diameters = jnp.asarray(sizes)
     params = check_params(
         {
             "diameters": species_diameters[species] if per_particle_diameters else species_diameters,
@@ -148,31 +113,8 @@ def soft_sphere_packing(
         }
     )
     positions = random_positions(jax.random.PRNGKey(seed), n, box)
-    energy = (
-        _soft_sphere_neighbor_energy(species, positions, params)
-        if nl.use_neighbor_list(n, neighbor_list)
-        else FunctionEnergy(energy_fn)
-    )
-    return System(energy, params, positions, box, species, dt_max=0.4)
-
-
-def _soft_sphere_neighbor_energy(species: Array, positions: Array, params: Params) -> nl.NeighborListEnergy:
-    n = positions.shape[0]
-
-    def pair_params(p: Params, i: Array, j: Array) -> Params:
-        d = p["diameters"]
-        if d.shape[0] != n:
-            d_i, d_j = d[species[i]], d[species[j]]
-        else:
-            d_i, d_j = d[i], d[j]
-        return {"sigma": 0.5 * (d_i + d_j), "epsilon": p["epsilon"], "alpha": p["alpha"]}
-
-    def pair_energy(r: Array, pp: Params) -> Array:
-        return jmd_energy.soft_sphere(r, pp["sigma"], pp["epsilon"], pp["alpha"])
-
-    return nl.NeighborListEnergy.create(
-        pair_energy, pair_params, lambda p: jnp.max(p["diameters"]), positions, params
-    )
+    energy = soft_sphere_energy(species, positions, params, neighbor_list)
+    return System(energy, params, positions, box, species, dt_max=0.4, positive=("diameters", "epsilon", "alpha"))
 
 
 def _pair_system(
@@ -196,75 +138,36 @@ def _pair_system(
     box at number ``density``, or in free space if not ``periodic``. A neighbor
     list (range: the cutoff) needs a periodic box and a cutoff."""
     require_x64("mdsens.systems")
-    _check_size(n, dim)
+    _check_size(n, dim, seed, "mdsens.systems")
     counts = species_counts(n, fractions)
     n_species = len(counts)
     species = species_array(counts)
-    sigma = _species_matrix(sigma, n_species, "sigma")
-    epsilon = _species_matrix(epsilon, n_species, "epsilon")
+    sigma = species_matrix(sigma, n_species, "sigma")
+    epsilon = species_matrix(epsilon, n_species, "epsilon")
     check_positive(sigma, "sigma")
     check_positive(epsilon, "epsilon")
-    check_finite(np.asarray(density, dtype=np.float64), "density")
-    check_positive(density, "density")
+    density = positive_float(density, "density", "mdsens.systems")
     sigma_max = float(jnp.max(sigma))
     side = (n / density) ** (1.0 / dim)
 
-    if cutoff is not None:
-        r_cut = cutoff * sigma_max
-        pair_fn = smooth_cutoff(pair_fn, 0.8 * r_cut, r_cut)
+    r_cut = None if cutoff is None else cutoff * sigma_max
     if periodic:
-        check_min_image(side, cutoff * sigma_max if cutoff is not None else math.inf)
-        box, displacement_fn = periodic_space(side, dim)
+        check_min_image(side, r_cut if r_cut is not None else math.inf)
+        box, _ = periodic_space(side, dim)
         extra_params = {**extra_params, "box": box}
         # The lattice fills the box (somewhat compressed if n is not a perfect power).
         spacing = side / math.ceil(n ** (1.0 / dim) - 1e-9)
     else:
-        displacement_fn, _ = space.free()
         box = None
         # The pair minimum of Lennard-Jones, 2^(1/6) sigma: a start near equilibrium.
         spacing = 2.0 ** (1.0 / 6.0) * sigma_max
-    pair_energy = smap.pair(without_self_pairs(pair_fn), space.metric(displacement_fn))
-
-    def energy_fn(positions: Array, params: Params) -> Array:
-        pair_params = {
-            name: _pair_matrix(params[name], species) if name in ("sigma", "epsilon") else value
-            for name, value in params.items()
-        }
-        return pair_energy(positions, **pair_params)
-
     params = check_params({"sigma": sigma, "epsilon": epsilon, **extra_params})
     # A lattice, not random positions: random starts would overlap and the
     # r^-12 repulsion would blow up.
     positions = jittered_lattice(jax.random.PRNGKey(seed), n, dim, spacing, jitter=0.1)
-    energy: nl.NeighborListEnergy | FunctionEnergy = FunctionEnergy(energy_fn)
-    if nl.use_neighbor_list(n, neighbor_list):
-        if not (periodic and cutoff is not None):
-            if neighbor_list:
-                raise ValueError("neighbor_list=True needs a periodic box and a finite cutoff.")
-        else:
-            energy = _pair_neighbor_energy(pair_fn, species, r_cut, positions, params)
-    return System(energy, params, positions, box, species, dt_max=dt_max)
-
-
-def _pair_neighbor_energy(
-    pair_fn: Callable[..., Array], species: Array, r_cut: float, positions: Array, params: Params
-) -> nl.NeighborListEnergy:
-    """Species-matrix pair potential (already cut off at ``r_cut``) over a neighbor list."""
-    extra = tuple(name for name in params if name not in ("sigma", "epsilon", "box"))
-
-    def pair_params(p: Params, i: Array, j: Array) -> Params:
-        # Both orders, as the all-pairs sum: the same values (symmetric matrices)
-        # and the same derivatives with respect to each matrix entry.
-        s_i, s_j = species[i], species[j]
-        both = lambda m: 0.5 * (m[s_i, s_j] + m[s_j, s_i])  # noqa: E731
-        return {"sigma": both(p["sigma"]), "epsilon": both(p["epsilon"]), **{name: p[name] for name in extra}}
-
-    def pair_energy(r: Array, pp: Params) -> Array:
-        return pair_fn(r, **pp)
-
-    return nl.NeighborListEnergy.create(
-        pair_energy, pair_params, lambda p: jnp.asarray(r_cut, jnp.float64), positions, params
-    )
+    energy = species_pair_energy(pair_fn, species, positions, params, r_cut, neighbor_list)
+    positive = tuple(name for name in params if name != "box")  # sigma, epsilon (and Morse's alpha)
+    return System(energy, params, positions, box, species, dt_max=dt_max, positive=positive)
 
 
 def lennard_jones(
@@ -288,7 +191,17 @@ def lennard_jones(
     """
     check_positive(cutoff, "cutoff")
     return _pair_system(
-        lennard_jones_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {}, dt_max=0.05,
+        lennard_jones_pair,
+        n,
+        dim,
+        density,
+        sigma,
+        epsilon,
+        fractions,
+        cutoff,
+        seed,
+        {},
+        dt_max=0.05,
         neighbor_list=neighbor_list,
     )
 
@@ -327,7 +240,17 @@ def morse(
     check_positive(cutoff, "cutoff")
     check_positive(alpha, "alpha")
     return _pair_system(
-        morse_pair, n, dim, density, sigma, epsilon, fractions, cutoff, seed, {"alpha": alpha}, dt_max=0.05,
+        morse_pair,
+        n,
+        dim,
+        density,
+        sigma,
+        epsilon,
+        fractions,
+        cutoff,
+        seed,
+        {"alpha": alpha},
+        dt_max=0.05,
         neighbor_list=neighbor_list,
     )
 
@@ -340,6 +263,17 @@ def lennard_jones_cluster(
     translations and rotations. Always all pairs: ``neighbor_list=True`` raises
     ``ValueError`` (a neighbor list needs a periodic box and a cutoff)."""
     return _pair_system(
-        lennard_jones_pair, n, dim, 0.9, sigma, epsilon, (1.0,), None, seed, {}, dt_max=0.05,
-        periodic=False, neighbor_list=neighbor_list,
+        lennard_jones_pair,
+        n,
+        dim,
+        0.9,
+        sigma,
+        epsilon,
+        (1.0,),
+        None,
+        seed,
+        {},
+        dt_max=0.05,
+        periodic=False,
+        neighbor_list=neighbor_list,
     )

@@ -117,10 +117,11 @@ class System:
         """A copy with some fields changed (e.g. ``positions`` or ``params``)."""
         return dataclasses.replace(self, **changes)
 
-    def check_params(self, params: Any, name: str = "params") -> Any:
+    def check_params(self, params: Any, name: str = "params", *, tangent: bool = False) -> Any:
         """``params`` as float64 arrays, checked against the system's parameters:
         the same pytree structure and, leaf by leaf, the same shape (a
-        ``ValueError`` names the leaf)."""
+        ``ValueError`` names the leaf); the :attr:`positive` ones positive,
+        unless they are a ``tangent`` (a direction, of any sign)."""
         params = check_params(params, name)
         leaves, structure = jax.tree_util.tree_flatten_with_path(params)
         expected, expected_structure = jax.tree_util.tree_flatten_with_path(self.params)
@@ -135,7 +136,7 @@ class System:
                     f"{name}{jax.tree_util.keystr(path)} must have shape {jnp.shape(reference)} "
                     f"(as the system's); got {jnp.shape(leaf)}."
                 )
-        for key in self.positive:
+        for key in () if tangent else self.positive:
             if is_concrete(params[key]) and not np.all(np.asarray(params[key]) > 0):
                 raise ValueError(f"{name}[{key!r}] must be positive; got {np.asarray(params[key]).tolist()}.")
         return params
