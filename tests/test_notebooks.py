@@ -138,3 +138,15 @@ def test_jamming_notebook(tmp_path, kernel) -> None:
         assert abs(s["exponents"][quantity]["exponent"] - slope) <= 1e-9
     # Pressure is linear in the distance to jamming (O'Hern et al. 2003).
     assert abs(s["exponents"]["pressure"]["exponent"] - 1.0) <= 0.1
+
+
+@pytest.mark.notebook
+def test_vacancy_notebook(tmp_path, kernel) -> None:
+    """The unrelaxed Stillinger-Weber vacancy costs exactly 2 epsilon (removing an
+    atom breaks four bonds of -epsilon, and the reference (N-1)/N E_perfect
+    takes back the atom's share, -2 epsilon); the relaxed one's parameter
+    sensitivities match re-relaxed finite differences; the written extxyz reads
+    back the sensitivity field exactly."""
+    s = execute("06_vacancy.ipynb", tmp_path, kernel)
+    assert abs(s["unrelaxed_formation_energy"] / (2 * 2.1683) - 1) < 1e-8
+    assert s["largest_error"] <= 1e-5 and s["readback_error"] <= 1e-12
