@@ -33,7 +33,12 @@ LINTERS = {
     "ruff check": ["-m", "ruff", "check"],
     "ruff format --check": ["-m", "ruff", "format", "--check"],
     "mypy": ["-m", "mypy"],
+    # No --quiet: it hides the warnings that --strict turns into failures.
+    "mkdocs build --strict": ["-m", "mkdocs", "build", "--strict"],
 }
+
+
+os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # Material's banner about MkDocs 2.0
 
 
 def ensure_environment() -> None:
@@ -49,7 +54,8 @@ def ensure_environment() -> None:
     pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     # pip >= 25.1 reads PEP 735 dependency groups (--group).
     subprocess.run([*pip, "--upgrade", "pip>=25.1"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[io]", "--group", f"{ROOT / 'pyproject.toml'}:test"], check=True)
+    groups = ["--group", f"{ROOT / 'pyproject.toml'}:test", "--group", f"{ROOT / 'pyproject.toml'}:docs"]
+    subprocess.run([*pip, "-e", f"{ROOT}[io]", *groups], check=True)
     STAMP.write_text(wanted)
 
 
