@@ -216,7 +216,8 @@ def test_canonical_config_parses_back_to_an_equal_one():
 def test_builder_and_tangent_errors_name_the_point_and_key(tmp_path):
     bad_point = CONFIG.replace("phi = [0.85, 0.95]", "phi = [0.85, -0.5]")
     with pytest.raises(
-        study.StudyConfigError, match=r"grid point 2 \(phi=-0.5, diameters=\[1.0, 1.2\]\).*phi must be finite and positive"
+        study.StudyConfigError,
+        match=r"grid point 2 \(phi=-0.5, diameters=\[1.0, 1.2\]\).*phi must be finite and positive",
     ):
         study.run(bad_point, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing left behind
