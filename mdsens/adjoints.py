@@ -30,7 +30,7 @@ from mdsens._values import count, positive_float, set_field
 from mdsens.implicit import custom_root, root_jvp, root_vjp
 from mdsens.linear_solve import CG, SOLVERS, LinearSolver, SolveInfo
 from mdsens.minimisers import Minimiser
-from mdsens.relaxation import RelaxResult, relax_traced, start
+from mdsens.relaxation import RelaxResult, relax_traced, start, take_steps
 from mdsens.systems.energy import Energy, EnergyFn
 
 Array = jax.Array
@@ -121,12 +121,8 @@ class Unrolled:
     def equilibrium(
         self, energy: Energy, minimiser: Minimiser, positions: Array, params: Any, throw: bool
     ) -> tuple[Array, None]:
-        from mdsens.relaxation import _Evaluator
-
-        aux = energy.build(positions, params)
-        evaluator = _Evaluator(energy, params)
-        state = start(energy, minimiser, positions, params, aux)
-        final = jax.lax.scan(lambda s, _: (minimiser.step(evaluator, s), None), state, length=self.n_steps)[0]
+        state = start(energy, minimiser, positions, params, energy.build(positions, params))
+        final = take_steps(energy, minimiser, params, state, self.n_steps)
         # Positions that any step computed with an invalid neighbor list come out NaN.
         return jnp.where(energy.valid(final.aux), final.positions, jnp.nan), None
 

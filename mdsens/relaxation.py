@@ -122,6 +122,13 @@ def iterate(energy: Energy, minimiser: Minimiser, params: Any, state: Any, stop_
     return jax.lax.while_loop(keep_going, guarded_step, state)
 
 
+def take_steps(energy: Energy, minimiser: Minimiser, params: Any, state: Any, n_steps: int) -> Any:
+    """Exactly ``n_steps`` minimiser steps from ``state`` as a ``lax.scan``
+    (differentiable in both modes: the unrolled baseline); no stopping rule."""
+    evaluator = _Evaluator(energy, params)
+    return jax.lax.scan(lambda s, _: (minimiser.step(evaluator, s), None), state, length=n_steps)[0]
+
+
 def outcome(energy: Energy, minimiser: Minimiser, params: Any, state: Any) -> tuple[RelaxResult, Any]:
     """The :class:`RelaxResult` of a stopped loop, and ``aux`` at its positions.
     A state that reached the force tolerance is certified: its lowest curvature
