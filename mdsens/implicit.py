@@ -23,6 +23,7 @@ left and right null spaces of ``A`` coincide, as they do for symmetric ``A``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -116,7 +117,20 @@ def root_vjp(
         matvec, g, projected_solve, projected_solve, symmetric=symmetric, has_aux=True
     )
     (params_cotangent,) = jax.vjp(f_of_params, params)[1](-u)
-    return params_cotangent, info
+    return params_cotangent, _flag_nonfinite(info, params_cotangent)
+
+
+def _all_finite(tree: Any) -> Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
+def _flag_nonfinite(info: SolveInfo, derivative: Any) -> SolveInfo:
+    """``info`` marked failed (status ``nonfinite``) when ``derivative`` is not
+    finite although the solve converged (a NaN in ``d_theta F``)."""
+    finite = _all_finite(derivative)
+    return dataclasses.replace(
+        info, converged=info.converged & finite, residual=jnp.where(finite, info.residual, jnp.nan)
+    )
 
 
 def _zero_tangent(x: Any) -> Any:
@@ -171,6 +185,40 @@ def batched_callback(callback: Callable[..., None], reductions: tuple[Callable[.
 
 
 _REPORT_REDUCTIONS = (jnp.all, jnp.any, jnp.any, jnp.max, jnp.max)
+
+
+def _raise_if_nonfinite(finite) -> None:
+    if not np.all(np.asarray(finite)):
+        raise FloatingPointError(
+            "mdsens: the derivative with respect to the parameters is NaN or infinite: the linear solve "
+            "failed (reported separately) or the mixed derivative d_theta grad_x E of the energy is not "
+            "finite at the solution."
+        )
+
+
+def _warn_if_nonfinite(finite) -> None:
+    try:
+        _raise_if_nonfinite(finite)
+    except FloatingPointError as error:
+        import warnings
+
+        warnings.warn(f"{error} The derivative is NaN.", RuntimeWarning, stacklevel=2)
+
+
+def checked_parameter_tangent(tangent: Any, throw: bool) -> Any:
+    """The identity on a parameter tangent, whose transpose checks that the
+    parameter cotangent is finite. In reverse mode the mixed derivative
+    ``-(d_theta F)^T u`` is formed after the transposed solve, where the solve's
+    own check cannot see it: this makes a NaN there an error (``throw``) or a
+    warning, as for a failed solve. (A ``custom_linear_solve`` with the identity
+    operator, so that JAX calls the check on the transposed, cotangent side.)"""
+    report = batched_callback(_raise_if_nonfinite if throw else _warn_if_nonfinite, (jnp.all,))
+
+    def check(matvec: Any, b: Any) -> Any:
+        report(_all_finite(b))
+        return b
+
+    return jax.lax.custom_linear_solve(lambda v: v, tangent, check, check, symmetric=True)
 
 
 def enforce(solve: Solve, throw: bool) -> Solve:
@@ -230,7 +278,7 @@ def custom_root(
                 optimality_fn,
                 solution,
                 params,
-                tangents[1],
+                checked_parameter_tangent(tangents[1], throw),
                 solve=checked_solve,
                 symmetric=symmetric,
                 zero_modes=modes,

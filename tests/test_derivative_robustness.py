@@ -203,3 +203,37 @@ def test_free_cluster_second_order_is_the_symmetric_minimum_norm_one(dim: int) -
             assert asymmetry <= 1e-6
         else:
             assert asymmetry >= 1e-3  # the gauge's holonomy: real, and not a derivative
+
+
+# A user's energy whose mixed derivative d_theta grad_x E is infinite at x*
+# (d sqrt(b)/db at b = 0) while E, its forces and its Hessian are finite: the
+# reverse-mode derivative forms that term after the linear solve.
+
+
+def _singular_mixed_derivative_system() -> mdsens.System:
+    centre = jnp.asarray([[0.5, -0.25], [1.5, 0.75]])
+
+    def energy(x, params):
+        return 0.5 * jnp.sum((x - params["c"] * centre) ** 2) + jnp.sqrt(params["b"]) * 0.5 * jnp.sum(x**2)
+
+    params = {"c": jnp.asarray(1.0), "b": jnp.asarray(0.0)}
+    return mdsens.System.from_energy(energy, params, centre + 0.1, dt_max=0.1)
+
+
+def test_nonfinite_mixed_derivative_in_reverse_mode_is_an_error_or_flagged() -> None:
+    system = _singular_mixed_derivative_system()
+    objective = lambda p: jnp.sum(mdsens.equilibrium(system, p) ** 2)  # noqa: E731
+    with pytest.raises(jax.errors.JaxRuntimeError, match="mixed derivative"):
+        jax.block_until_ready(jax.grad(objective)(system.params))
+
+    lenient = lambda p: jnp.sum(mdsens.equilibrium(system, p, throw=False) ** 2)  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="mixed derivative"):
+        grad = jax.block_until_ready(jax.grad(lenient)(system.params))
+    assert not np.isfinite(float(grad["b"]))
+    # The finite entry is still the right one: x* = c * centre, d(sum x*^2)/dc = 2 c |centre|^2.
+    centre = system.positions - 0.1
+    np.testing.assert_allclose(float(grad["c"]), 2.0 * float(jnp.sum(centre**2)), rtol=1e-9)
+
+    x, dparams, info = mdsens.equilibrium_vjp(system, system.params, 2.0 * mdsens.relax(system).positions)
+    assert info.relax.converged
+    assert str(info.solve.reason) == "nonfinite"
