@@ -413,7 +413,7 @@ def test_bad_extxyz_files_name_file_and_field(tmp_path: Path) -> None:
 
 def test_box_smaller_than_twice_the_range_is_refused(tmp_path: Path) -> None:
     path = _xyz(tmp_path, ["Si 1 1 1", "Si 2 2 2"])
-    with pytest.raises(ValueError, match=f"{path}: box: .*narrower than twice the interaction range"):
+    with pytest.raises(ValueError, match=f"{path}: params\\['box'\\]: .*narrower than twice the interaction range"):
         io.read_ase(path, systems.LennardJones(cutoff=2.5, sigma=1.2))
 
 

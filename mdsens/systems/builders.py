@@ -29,7 +29,13 @@ import numpy as np
 
 from mdsens._checks import as_float64, check_finite, check_params, check_positive, require_x64
 from mdsens._values import count, positive_float
-from mdsens.systems.pair_energies import soft_sphere_energy, species_matrix, species_pair_energy
+from mdsens.systems.pair_energies import (
+    fixed_range,
+    largest_diameter,
+    soft_sphere_energy,
+    species_matrix,
+    species_pair_energy,
+)
 from mdsens.systems.pair_potentials import lennard_jones_pair, morse_pair
 from mdsens.systems.space import (
     check_min_image,
@@ -100,9 +106,8 @@ def soft_sphere_packing(
     unit_volume = math.pi / 4.0 if dim == 2 else math.pi / 6.0
     particle_volume = float(np.sum(counts * unit_volume * sizes**dim))
     side = (particle_volume / phi) ** (1.0 / dim)
-    check_min_image(side, float(sizes.max()), "phi")
-
     box, _ = periodic_space(side, dim)
+    check_min_image(box, float(sizes.max()), "phi", "use more particles or a lower phi")
     species_diameters = jnp.asarray(sizes)
     params = check_params(
         {
@@ -114,7 +119,16 @@ def soft_sphere_packing(
     )
     positions = random_positions(jax.random.PRNGKey(seed), n, box)
     energy = soft_sphere_energy(species, positions, params, neighbor_list)
-    return System(energy, params, positions, box, species, dt_max=0.4, positive=("diameters", "epsilon", "alpha"))
+    return System(
+        energy,
+        params,
+        positions,
+        box,
+        species,
+        dt_max=0.4,
+        positive=("diameters", "epsilon", "alpha"),
+        interaction_range=largest_diameter,
+    )
 
 
 def _pair_system(
@@ -152,8 +166,8 @@ def _pair_system(
 
     r_cut = None if cutoff is None else cutoff * sigma_max
     if periodic:
-        check_min_image(side, r_cut if r_cut is not None else math.inf)
         box, _ = periodic_space(side, dim)
+        check_min_image(box, math.inf if r_cut is None else r_cut, "density", "use more particles or a lower density")
         extra_params = {**extra_params, "box": box}
         # The lattice fills the box (somewhat compressed if n is not a perfect power).
         spacing = side / math.ceil(n ** (1.0 / dim) - 1e-9)
@@ -167,7 +181,10 @@ def _pair_system(
     positions = jittered_lattice(jax.random.PRNGKey(seed), n, dim, spacing, jitter=0.1)
     energy = species_pair_energy(pair_fn, species, positions, params, r_cut, neighbor_list)
     positive = tuple(name for name in params if name != "box")  # sigma, epsilon (and Morse's alpha)
-    return System(energy, params, positions, box, species, dt_max=dt_max, positive=positive)
+    interaction_range = None if box is None or r_cut is None else fixed_range(r_cut)
+    return System(
+        energy, params, positions, box, species, dt_max=dt_max, positive=positive, interaction_range=interaction_range
+    )
 
 
 def lennard_jones(

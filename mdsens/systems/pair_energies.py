@@ -87,6 +87,16 @@ def soft_sphere_energy(
     return FunctionEnergy(energy_fn)
 
 
+def largest_diameter(params: Params) -> Array:
+    """The interaction range of soft spheres: the largest diameter."""
+    return jnp.max(params["diameters"])
+
+
+def fixed_range(r_cut: float) -> Callable[[Params], Array]:
+    """The interaction range of a potential cut off at the distance ``r_cut``."""
+    return lambda params: jnp.asarray(r_cut, jnp.float64)
+
+
 def _soft_sphere_neighbor_energy(species: Any, positions: Any, params: Params) -> nl.NeighborListEnergy:
     n = positions.shape[0]
 
@@ -101,7 +111,7 @@ def _soft_sphere_neighbor_energy(species: Any, positions: Any, params: Params) -
     def pair_energy(r: Array, pp: Params) -> Array:
         return soft_sphere_pair(r, pp["sigma"], pp["epsilon"], pp["alpha"])
 
-    return nl.NeighborListEnergy.create(pair_energy, pair_params, lambda p: jnp.max(p["diameters"]), positions, params)
+    return nl.NeighborListEnergy.create(pair_energy, pair_params, largest_diameter, positions, params)
 
 
 def species_pair_energy(
@@ -157,6 +167,4 @@ def _pair_neighbor_energy(
     def pair_energy(r: Array, pp: Params) -> Array:
         return pair_fn(r, **pp)
 
-    return nl.NeighborListEnergy.create(
-        pair_energy, pair_params, lambda p: jnp.asarray(r_cut, jnp.float64), positions, params
-    )
+    return nl.NeighborListEnergy.create(pair_energy, pair_params, fixed_range(r_cut), positions, params)

@@ -30,9 +30,15 @@ import numpy as np
 
 from mdsens._checks import as_float64, check_finite, check_positive
 from mdsens.systems.jax_md_energy import JaxMDEnergy
-from mdsens.systems.pair_energies import soft_sphere_energy, species_matrix, species_pair_energy
+from mdsens.systems.pair_energies import (
+    fixed_range,
+    largest_diameter,
+    soft_sphere_energy,
+    species_matrix,
+    species_pair_energy,
+)
 from mdsens.systems.pair_potentials import lennard_jones_pair, morse_pair
-from mdsens.systems.stillinger_weber import SILICON, StillingerWeberEnergy
+from mdsens.systems.stillinger_weber import SILICON, StillingerWeberEnergy, stillinger_weber_range
 from mdsens.systems.system import DEFAULT_DT_MAX, System
 
 Array = jax.Array
@@ -42,20 +48,6 @@ class Potential(Protocol):
     def system(
         self, positions: np.ndarray, box: np.ndarray | None, species: np.ndarray, diameters: np.ndarray | None
     ) -> System: ...
-
-
-def check_range(box: np.ndarray | None, reach: float) -> None:
-    """``ValueError`` unless every width of the periodic ``box`` (the distance
-    between opposite faces) is at least twice the interaction range ``reach``:
-    the minimum-image convention needs it."""
-    if box is None:
-        return
-    widths = 1.0 / np.linalg.norm(np.linalg.inv(np.asarray(box)), axis=1)
-    if np.min(widths) < 2.0 * reach * (1.0 - 1e-12):
-        raise ValueError(
-            f"box: the periodic box (narrowest width {np.min(widths):.6g}) is narrower than twice the "
-            f"interaction range ({reach:.6g}), so the minimum-image convention breaks: use a larger cell."
-        )
 
 
 def _with_box(params: Mapping[str, Any], box: np.ndarray | None) -> dict[str, Any]:
@@ -101,10 +93,11 @@ class SoftSpheres:
         for name, value in (("diameter", sizes), ("epsilon", self.epsilon), ("alpha", self.alpha)):
             check_finite(value, name)
             check_positive(value, name)
-        check_range(box, float(np.max(sizes)))
         params = _with_box({"diameters": sizes, "epsilon": self.epsilon, "alpha": self.alpha}, box)
         energy = soft_sphere_energy(species, positions, params, self.neighbor_list)
-        return System.from_energy(energy, params, positions, box=box, species=species, dt_max=0.4)
+        return System.from_energy(
+            energy, params, positions, box=box, species=species, dt_max=0.4, interaction_range=largest_diameter
+        )
 
 
 def _pair_system(
@@ -123,10 +116,10 @@ def _pair_system(
     r_cut = None if potential.cutoff is None else potential.cutoff * float(jnp.max(sigma))
     if box is not None and r_cut is None:
         raise ValueError("cutoff: a periodic configuration needs a finite cutoff (the minimum image).")
-    check_range(box, 0.0 if r_cut is None else r_cut)
     params = _with_box({"sigma": sigma, "epsilon": epsilon, **extra}, box)
     energy = species_pair_energy(pair_fn, species, positions, params, r_cut, potential.neighbor_list)
-    return System.from_energy(energy, params, positions, box=box, species=species, dt_max=0.05)
+    reach = None if r_cut is None else fixed_range(r_cut)
+    return System.from_energy(energy, params, positions, box=box, species=species, dt_max=0.05, interaction_range=reach)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +179,6 @@ class StillingerWeber:
             raise ValueError(
                 f"species: Stillinger-Weber has one species here; the configuration has {np.unique(species)}."
             )
-        check_range(box, float(self.params["a"] * self.params["sigma"]))
         return System.from_energy(
             StillingerWeberEnergy(self.max_neighbors),
             _with_box(self.params, box),
@@ -194,6 +186,7 @@ class StillingerWeber:
             box=box,
             species=species,
             dt_max=self.dt_max,
+            interaction_range=stillinger_weber_range,
         )
 
 
@@ -214,7 +207,6 @@ class JaxMD:
     def system(
         self, positions: np.ndarray, box: np.ndarray | None, species: np.ndarray, diameters: np.ndarray | None
     ) -> System:
-        check_range(box, self.reach)
         return System.from_energy(
             JaxMDEnergy(self.factory, self.fixed),
             _with_box(self.params, box),
@@ -222,6 +214,7 @@ class JaxMD:
             box=box,
             species=species,
             dt_max=self.dt_max,
+            interaction_range=fixed_range(self.reach),
         )
 
 

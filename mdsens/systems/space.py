@@ -32,14 +32,20 @@ def species_array(counts: np.ndarray) -> Array:
     return jnp.asarray(np.repeat(np.arange(len(counts)), counts), dtype=jnp.int32)
 
 
-def check_min_image(box_side: float, cutoff: float, density_name: str = "density") -> None:
+def check_min_image(box: Any, reach: float, box_name: str = "box", advice: str = "use a larger box") -> None:
+    """``ValueError`` unless every width of the periodic ``box`` matrix (columns:
+    box vectors; the width is the distance between opposite faces,
+    ``1 / |row of box^-1|``) is at least twice the interaction range ``reach``:
+    the minimum-image convention needs it. ``box`` None (free space) passes."""
+    if box is None:
+        return
+    widths = 1.0 / np.linalg.norm(np.linalg.inv(np.asarray(box, np.float64)), axis=1)
     # Relative slack: a side of exactly twice the range is valid, but the root that
     # sizes the box rounds (kob_andersen(150): 125 ** (1/3) = 4.999999999999999).
-    if box_side < 2.0 * cutoff * (1.0 - 1e-12):
+    if np.min(widths) < 2.0 * reach * (1.0 - 1e-12):
         raise ValueError(
-            f"the periodic box (side {box_side:.4g}) is smaller than twice the "
-            f"interaction range ({cutoff:.4g}), so the minimum-image convention "
-            f"breaks: use more particles or a lower {density_name}."
+            f"{box_name}: the periodic box (narrowest width {np.min(widths):.6g}) is narrower than twice the "
+            f"interaction range ({reach:.6g}), so the minimum-image convention breaks: {advice}."
         )
 
 

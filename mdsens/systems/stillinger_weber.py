@@ -48,6 +48,11 @@ SILICON: dict[str, float] = {
 }
 
 
+def stillinger_weber_range(params: dict[str, Array]) -> Array:
+    """The interaction range ``a sigma``."""
+    return params["a"] * params["sigma"]
+
+
 def minimum_image(box: Array | None, d: Array) -> Array:
     """Displacements ``d`` (``(..., dim)``) mapped to their nearest periodic image
     in the box whose columns are the box vectors (None: free space)."""
@@ -69,7 +74,7 @@ class StillingerWeberEnergy:
         box = params.get("box")
         n = positions.shape[0]
         k = min(self.max_neighbors, n - 1)
-        r_cut = params["a"] * params["sigma"]
+        r_cut = stillinger_weber_range(params)
         # The k nearest atoms of each atom, without gradient (a locally constant choice).
         fixed = jax.lax.stop_gradient((positions, box))
         r2_all = jnp.sum(minimum_image(fixed[1], fixed[0][None, :, :] - fixed[0][:, None, :]) ** 2, axis=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 from mdsens._checks import as_float64, check_finite, check_params, check_positions, is_concrete, require_x64
 from mdsens._values import positive_float
 from mdsens.systems.energy import Energy, EnergyFn, FunctionEnergy, as_energy
+from mdsens.systems.space import check_min_image
 
 Array = jax.Array
 
@@ -47,6 +49,10 @@ class System:
         positive: names of top-level parameters (keys of a dict ``params``)
             whose entries must be positive (sizes, energy scales): checked
             whenever concrete parameters are passed.
+        interaction_range: ``params -> distance`` beyond which particles do
+            not interact (None: unknown or unbounded). In a periodic box,
+            concrete parameters whose range exceeds half the box's narrowest
+            width are refused: the minimum image would miss pairs.
     """
 
     energy: Energy
@@ -56,6 +62,7 @@ class System:
     species: Array
     dt_max: float
     positive: tuple[str, ...] = ()
+    interaction_range: Callable[[Any], Any] | None = None
 
     @classmethod
     def from_energy(
@@ -68,6 +75,7 @@ class System:
         species: Any = None,
         dt_max: float = DEFAULT_DT_MAX,
         positive: tuple[str, ...] = (),
+        interaction_range: Callable[[Any], Any] | None = None,
     ) -> System:
         """A system from your own energy ``energy(positions, params) -> scalar``
         (any JAX function, e.g. built with jax-md), its parameters (a pytree of
@@ -75,7 +83,9 @@ class System:
         periodic ``box`` matrix (None: free space; informational, the energy
         handles periodicity), integer ``species`` (default all 0) and a stable
         time step ``dt_max`` (default :data:`DEFAULT_DT_MAX`); ``positive`` names
-        parameters that must stay positive."""
+        parameters that must stay positive; ``interaction_range(params)``, if
+        given, lets periodic systems refuse parameters whose range exceeds half
+        the box."""
         require_x64("System.from_energy")
         positions = check_positions(positions)
         params = check_params(params)
@@ -96,7 +106,7 @@ class System:
         missing = [key for key in positive if not isinstance(params, dict) or key not in params]
         if missing:
             raise ValueError(f"System.from_energy: positive names {missing}, which are not keys of params.")
-        system = cls(as_energy(energy), params, positions, box, species, dt_max, tuple(positive))
+        system = cls(as_energy(energy), params, positions, box, species, dt_max, tuple(positive), interaction_range)
         system.check_params(params)
         return system
 
@@ -139,7 +149,21 @@ class System:
         for key in () if tangent else self.positive:
             if is_concrete(params[key]) and not np.all(np.asarray(params[key]) > 0):
                 raise ValueError(f"{name}[{key!r}] must be positive; got {np.asarray(params[key]).tolist()}.")
+        if not tangent:
+            self._check_range(params, name)
         return params
+
+    def _check_range(self, params: Any, name: str) -> None:
+        """Concrete parameters must keep the interaction range within half the
+        periodic box (``params["box"]`` for the builders' systems)."""
+        if self.interaction_range is None or self.box is None:
+            return
+        in_params = isinstance(params, dict) and "box" in params
+        box = params["box"] if in_params else self.box
+        reach = self.interaction_range(params)
+        if is_concrete(box) and is_concrete(reach):
+            box_name = f"{name}['box']" if in_params else "box"
+            check_min_image(box, float(reach), box_name, "use a larger box or parameters of shorter range")
 
     def check_positions(self, positions: Any, name: str = "positions") -> Array:
         """``positions`` as a finite float64 ``(N, dim)`` array of this system's
