@@ -214,11 +214,14 @@ def checked_parameter_tangent(tangent: Any, throw: bool) -> Any:
     operator, so that JAX calls the check on the transposed, cotangent side.)"""
     report = batched_callback(_raise_if_nonfinite if throw else _warn_if_nonfinite, (jnp.all,))
 
-    def check(matvec: Any, b: Any) -> Any:
-        report(_all_finite(b))
+    def check(matvec: Any, b: Array) -> Array:
+        report(jnp.all(jnp.isfinite(b)))
         return b
 
-    return jax.lax.custom_linear_solve(lambda v: v, tangent, check, check, symmetric=True)
+    # One flat array: leaves that are not differentiated arrive as constant zeros,
+    # and custom_linear_solve can only transpose an operand that is linear throughout.
+    flat, unravel = ravel_pytree(tangent)
+    return unravel(jax.lax.custom_linear_solve(lambda v: v, flat, check, check, symmetric=True))
 
 
 def enforce(solve: Solve, throw: bool) -> Solve:

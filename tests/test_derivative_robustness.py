@@ -237,3 +237,19 @@ def test_nonfinite_mixed_derivative_in_reverse_mode_is_an_error_or_flagged() -> 
     x, dparams, info = mdsens.equilibrium_vjp(system, system.params, 2.0 * mdsens.relax(system).positions)
     assert info.relax.converged
     assert str(info.solve.reason) == "nonfinite"
+
+
+def test_reverse_mode_through_one_parameter_leaf() -> None:
+    """``jax.grad`` with respect to one leaf (the others constant, so their
+    tangents are constant zeros) goes through the cotangent check, and equals
+    the reverse mode of ``equilibrium_vjp`` (root_vjp, no custom_root)."""
+    system = systems.soft_sphere_packing(16, dim=2, phi=0.9)
+    weights = jnp.arange(32.0).reshape(16, 2) / 32.0
+
+    def objective(diameters):
+        return jnp.sum(weights * mdsens.equilibrium(system, {**system.params, "diameters": diameters}))
+
+    grad = jax.jit(jax.grad(objective))(system.params["diameters"])
+    _, dparams, info = mdsens.equilibrium_vjp(system, system.params, weights)
+    assert info.solve.converged
+    np.testing.assert_allclose(grad, dparams["diameters"], rtol=1e-8)
