@@ -32,6 +32,7 @@ from mdsens.implicit import root_vjp as root_vjp
 from mdsens.linear_solve import CG as CG
 from mdsens.linear_solve import MINRES as MINRES
 from mdsens.linear_solve import BiCGSTAB as BiCGSTAB
+from mdsens.linear_solve import BlockJacobi as BlockJacobi
 from mdsens.linear_solve import Dense as Dense
 from mdsens.linear_solve import Jacobi as Jacobi
 from mdsens.linear_solve import SolveInfo as SolveInfo

@@ -142,6 +142,32 @@ class Jacobi:
         return inverse * r
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockJacobi:
+    """Block-Jacobi preconditioner ``M = blockdiag(A_kk)^+`` from the ``(N, dim, dim)``
+    per-particle diagonal blocks of ``A`` (e.g. :func:`mdsens.preconditioners.hessian_blocks`,
+    O(N) for neighbor lists). Each block is inverted on its eigenvalues above
+    ``rcond`` times the largest of all blocks; the others (a rattler's zero block,
+    the null direction of a particle with one contact) map to zero, directions
+    that are in the null space of a positive semi-definite ``A``, so the
+    minimum-norm answer is kept. Unlike :class:`Jacobi` it also captures each
+    particle's anisotropy (the ``r^ r^T`` terms of its contacts). It holds
+    arrays, so it compares and hashes by identity: build it once per state."""
+
+    blocks: Any
+    rcond: float = dataclasses.field(default=1e-10, metadata=dict(static=True))
+
+    def __call__(self, r: Array) -> Array:
+        blocks = jnp.asarray(self.blocks)
+        eigenvalues, vectors = jnp.linalg.eigh(0.5 * (blocks + jnp.swapaxes(blocks, -1, -2)))
+        cutoff = self.rcond * jnp.max(jnp.abs(eigenvalues))
+        inverse = jnp.where(eigenvalues > cutoff, 1.0 / jnp.where(eigenvalues > cutoff, eigenvalues, 1.0), 0.0)
+        rows = r.reshape(blocks.shape[:2])
+        projected = jnp.einsum("nji,nj->ni", vectors, rows) * inverse
+        return jnp.einsum("nij,nj->ni", vectors, projected).reshape(r.shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Iterative:
     """Shared fields and checks of the Krylov solvers: stop when
@@ -151,7 +177,7 @@ class _Iterative:
     rtol: float = 1e-10
     atol: float = 0.0
     max_iter: int | None = None
-    preconditioner: Jacobi | None = None
+    preconditioner: Jacobi | BlockJacobi | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -159,8 +185,10 @@ class _Iterative:
         set_field(self, "atol", nonnegative_float(self.atol, "atol", owner))
         if self.max_iter is not None:
             set_field(self, "max_iter", count(self.max_iter, "max_iter", owner))
-        if self.preconditioner is not None and not isinstance(self.preconditioner, Jacobi):
-            raise ValueError(f"{owner}: preconditioner must be None or a Jacobi; got {self.preconditioner!r}.")
+        if self.preconditioner is not None and not isinstance(self.preconditioner, (Jacobi, BlockJacobi)):
+            raise ValueError(
+                f"{owner}: preconditioner must be None, a Jacobi or a BlockJacobi; got {self.preconditioner!r}."
+            )
 
     def _iterations(self, b: Array) -> int | Array:
         return 10 * b.size if self.max_iter is None else self.max_iter

@@ -13,6 +13,9 @@
   diagnostics) against the all-pairs energy; the O(N) Hessian diagonal, the
   builders' switch, bad input, and no N x N array anywhere on the
   neighbor-list path.
+- Builds: the pairs of an allocation and of a traced rebuild are exactly the
+  brute-force pairs within the cutoff (2D and 3D); a rebuild past the
+  capacity is flagged.
 """
 
 from __future__ import annotations
@@ -327,3 +330,47 @@ def test_bad_input_raises(lattice) -> None:
         systems.lennard_jones_cluster(144, dim=2, neighbor_list=True)
     with pytest.raises(ValueError, match="neighbor_list must be"):
         packing(144, "yes")
+
+
+# ---------------------------------------------------------------------------
+# Builds: the pairs of a list against brute force
+# ---------------------------------------------------------------------------
+
+
+def brute_force_pairs(x: np.ndarray, box: np.ndarray, cutoff: float) -> list[tuple[int, int]]:
+    """Every (i, j), j < i, closer than ``cutoff`` (minimum image), ascending in i then j."""
+    ds = np.linalg.solve(box, (x[:, None, :] - x[None, :, :]).reshape(-1, x.shape[1]).T).T
+    dr = (ds - np.round(ds)) @ box.T
+    d = np.linalg.norm(dr, axis=-1).reshape(len(x), len(x))
+    return [(i, j) for i in range(len(x)) for j in range(i) if d[i, j] < cutoff]
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_built_pairs_are_every_pair_within_the_cutoff(dim) -> None:
+    """Allocation and a traced rebuild at moved positions (the compaction from the
+    cell list's candidates) hold exactly the brute-force pairs, each once, sorted by
+    particle; a capacity below the pairs needed is flagged."""
+    from mdsens.neighbors import lists
+
+    s = systems.soft_sphere_packing(150 if dim == 2 else 200, dim=dim, phi=0.9 if dim == 2 else 0.6, neighbor_list=True)
+    box = np.asarray(s.params["box"])
+    cutoff = 1.75
+    x = np.asarray(s.positions)
+    moved = x + 0.2 * np.asarray(jax.random.normal(jax.random.PRNGKey(5), x.shape))
+    allocated = lists.allocate(jnp.asarray(x), box, cutoff, 1.1)
+    rebuilt = jax.jit(lambda nb, y: lists.update(nb, y, jnp.asarray(1.0), s.params["box"]))(
+        allocated, jnp.asarray(moved)
+    )
+    assert int(rebuilt.rebuilds) == 1
+    for neighbors, y in [(allocated, x), (rebuilt, moved)]:
+        mask = np.asarray(neighbors.mask)
+        ours = list(zip(np.asarray(neighbors.i)[mask].tolist(), np.asarray(neighbors.j)[mask].tolist(), strict=True))
+        expected = brute_force_pairs(y, box, cutoff)
+        assert sorted(ours) == expected and len(ours) == len(expected)
+        assert np.all(np.diff(np.asarray(neighbors.i)[mask]) >= 0)
+        assert not np.any(mask[mask.argmin() :]) or mask.all()  # real pairs first, then padding
+        assert int(neighbors.flags) & ~lists.OUT_OF_RANGE == 0
+    tight = lists.static_template(lists.allocate(jnp.asarray(x), box, cutoff, 1.0))
+    crowded = x * 0.5  # into a corner of the box: more pairs (and fuller cells) than allocated
+    flags = lists.build(tight, jnp.asarray(crowded), jnp.asarray(1.0), s.params["box"]).flags
+    assert int(flags) & lists.OVERFLOW

@@ -1,10 +1,12 @@
 """Neighbor lists: the :class:`Neighbors` value, its allocation on the host,
 its traceable builds and skin-rule updates, and its validity flags.
 
-Lists come from jax-md cell lists (``partition.neighbor_list``,
-``OrderedSparse``: each pair once) in fractional coordinates wrapped into the
-unit cell. Nothing here knows the pair energy: functions take the positions,
-the box, the list cutoff and the current interaction range as arguments.
+Lists are jax-md ``OrderedSparse`` neighbor lists (each pair once) built here
+from jax-md's cell list, in fractional coordinates wrapped into the unit
+cell, with the same pairs in the same order as jax-md's own build but without
+its running sum and scatter over every candidate (:func:`_compact`). Nothing
+here knows the pair energy: functions take the positions, the box, the list
+cutoff and the current interaction range as arguments.
 """
 
 from __future__ import annotations
@@ -161,26 +163,13 @@ def _cells_per_side(box: np.ndarray, list_cutoff: float) -> int:
 def _list_fns(box_key: tuple, list_cutoff: float, cells: int) -> tuple[Any, Callable]:
     """``(template, prepare)`` for one box, cutoff and cell grid, cached so that
     lists of the same box and cutoff share their static fields (no
-    recompilation): a jax-md list without arrays or capacities (its update
-    function and cell list, in fractional coordinates), and
-    ``prepare(positions) -> (fractional positions, fullest cell's occupancy)``."""
+    recompilation): a jax-md ``OrderedSparse`` list without arrays or
+    capacities (its cell list, in fractional coordinates; mdsens builds it,
+    :func:`_built`), and ``prepare(positions) -> (fractional positions,
+    fullest cell's occupancy)``."""
     from jax_md import partition  # imported on first use: importing jax-md takes seconds
 
     box = np.asarray(box_key, dtype=np.float64)
-
-    def displacement(sa, sb, **unused):
-        ds = sa - sb
-        return jnp.asarray(box) @ (ds - jnp.round(ds))
-
-    # dr_threshold=0: update always rebuilds; mdsens decides when (the skin rule).
-    fns = partition.neighbor_list(
-        displacement,
-        box,
-        list_cutoff * (1.0 + _CUTOFF_MARGIN),
-        dr_threshold=0.0,
-        fractional_coordinates=True,
-        format=partition.OrderedSparse,
-    )
     # A minimum cell size a little below 1 / cells, so that jax-md's floor gives `cells`.
     minimum = 1.0 / (cells + 0.5)
     template = partition.NeighborList(
@@ -192,7 +181,7 @@ def _list_fns(box_key: tuple, list_cutoff: float, cells: int) -> tuple[Any, Call
         partition.OrderedSparse,
         1.0 / cells,
         partition.cell_list(1.0, minimum),
-        fns.update,
+        None,
     )
 
     @jax.jit
@@ -203,35 +192,96 @@ def _list_fns(box_key: tuple, list_cutoff: float, cells: int) -> tuple[Any, Call
     return template, prepare
 
 
-def _blank_pairs(template: Any, positions: Array, n: int) -> Any:
-    """A jax-md list with the static fields (capacities) of ``template`` holding
-    no pairs; ``.update`` builds it (traceable)."""
+def _candidates(pairs: Any, s: Array, box: np.ndarray, list_cutoff: float) -> tuple[Array, Array, Array]:
+    """Each particle's candidate partners at wrapped fractional positions ``s``:
+    ``(ids, within, cell_overflow)``. ``ids`` is ``(N, 3^dim cell_capacity)``: the
+    particles in the 3^dim cells around its own, in jax-md's order (its cell list,
+    with the capacity of ``pairs``); ``within`` marks the partners ``j < i`` closer
+    than ``list_cutoff`` (with the rounding margin)."""
     from jax_md import partition
 
-    return dataclasses.replace(
-        template,
-        idx=jnp.full((2, template.max_occupancy), n, jnp.int32),
-        reference_position=positions,
-        error=partition.PartitionError(jnp.zeros((), jnp.uint8)),
-    )
+    n, dim = s.shape
+    capacity = pairs.cell_list_capacity
+    cells = pairs.cell_list_fn.update(s, capacity)
+    side = cells.id_buffer.shape[0]
+    around = jnp.mod(cells.particle_cell_id[:, None, :] + partition._neighboring_cells_arr(dim)[None], side)
+    cell = functools.reduce(operator.add, [around[..., k] * side**k for k in range(dim)]).reshape(-1)
+    ids = cells.id_buffer.reshape(-1, capacity)[cell].reshape(n, -1)
+    ds = s[:, None, :] - cells.position_buffer.reshape(-1, capacity, dim)[cell].reshape(n, -1, dim)
+    dr = matvec_rows(jnp.asarray(box), ds - jnp.round(ds))
+    distance_squared = functools.reduce(operator.add, [c * c for c in dr])
+    within = (distance_squared < (list_cutoff * (1.0 + _CUTOFF_MARGIN)) ** 2) & (ids < jnp.arange(n)[:, None])
+    return ids, within, cells.did_buffer_overflow
 
 
-@jax.jit
-def _all_pairs_within(template: Any, positions: Array) -> tuple[Any, Array]:
-    """A list built at ``positions`` with room for every candidate (the static
-    fields of ``template``), and how many pairs it holds (first, in order)."""
-    n = positions.shape[0]
-    pairs = _blank_pairs(template, positions, n).update(positions)
-    return pairs, jnp.sum(pairs.idx[0] < n)
+def _bit_words(within: Array) -> Array:
+    """Each row of the boolean ``(N, K)`` array ``within`` as ``ceil(K / 32)`` uint32
+    words (bit ``b`` of word ``w`` is column ``32 w + b``): one pass over the
+    candidates; every later step works on these."""
+    n, width = within.shape
+    words = -(-width // 32)
+    padded = jnp.pad(within, ((0, 0), (0, 32 * words - width))).reshape(n, words, 32).astype(jnp.uint32)
+    return jnp.sum(padded << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _truncated(pairs: Any, capacity: int) -> tuple[Any, Array, Array, Array]:
-    """``pairs`` cut (or padded) to ``capacity``, and its indices."""
-    n = pairs.reference_position.shape[0]
-    idx = jnp.pad(pairs.idx, ((0, 0), (0, max(capacity - pairs.max_occupancy, 0))), constant_values=n)
-    pairs = dataclasses.replace(pairs, idx=idx[:, :capacity], max_occupancy=capacity)
-    return (pairs, *_pair_indices(pairs, n))
+def _compact(ids: Array, within: Array, capacity: int) -> tuple[Array, Array]:
+    """The marked candidates as a ``(2, capacity)`` jax-md ``OrderedSparse`` index
+    (partners, particles; padded with N), in row-major order, and how many there
+    are. Each output slot finds its candidate from the rows' bit words: its row
+    by the rows' running totals, its word by the word counts, its bit by
+    bisection with population counts. No scatter or running sum over the
+    ``N x K`` candidates (both are slow on CPU), only ``capacity``-sized gathers."""
+    n, width = ids.shape
+    bits = _bit_words(within)
+    word_counts = jax.lax.population_count(bits).astype(jnp.int32)
+    before_word = jnp.cumsum(word_counts, axis=1) - word_counts  # marked bits in the row's earlier words
+    ends = jnp.cumsum(jnp.sum(word_counts, axis=1))
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    # row(slot) = number of rows ending at or before it (rows may be empty).
+    row = jnp.cumsum(jnp.zeros(capacity + 1, jnp.int32).at[jnp.minimum(ends, capacity)].add(1))[:capacity]
+    real = row < n
+    row = jnp.minimum(row, n - 1)
+    rank = slot - ends[row] + jnp.sum(word_counts[row], axis=1)  # the slot is its row's rank-th marked candidate
+    word = jnp.sum(before_word[row] <= rank[:, None], axis=1) - 1
+    rank = (rank - before_word[row, word]).astype(jnp.uint32)
+    bits = bits[row, word]
+    lo, hi = jnp.zeros_like(rank), jnp.full_like(rank, 31)
+    for _ in range(5):  # lowest bit b with more than rank marked bits in 0..b
+        mid = (lo + hi) // 2
+        past = jax.lax.population_count(bits & (jnp.uint32(0xFFFFFFFF) >> (31 - mid))) > rank
+        lo, hi = jnp.where(past, lo, mid + 1), jnp.where(past, mid, hi)
+    partner = ids.reshape(-1)[row * width + 32 * word + lo.astype(jnp.int32)]
+    return jnp.stack([jnp.where(real, partner, n), jnp.where(real, row, n)]).astype(jnp.int32), ends[-1]
+
+
+def _built(pairs: Any, s: Array, box: np.ndarray, list_cutoff: float, error: Any) -> Any:
+    """The jax-md list ``pairs`` (its static fields) rebuilt at ``s``, its overflow
+    bits added to ``error`` (traceable)."""
+    from jax_md.partition import PartitionErrorCode
+
+    ids, within, cell_overflow = _candidates(pairs, s, box, list_cutoff)
+    idx, count = _compact(ids, within, pairs.max_occupancy)
+    error = error.update(PartitionErrorCode.CELL_LIST_OVERFLOW, cell_overflow)
+    error = error.update(PartitionErrorCode.NEIGHBOR_LIST_OVERFLOW, count > pairs.max_occupancy)
+    return dataclasses.replace(pairs, idx=idx, reference_position=s, error=error)
+
+
+def _no_error() -> Any:
+    from jax_md import partition
+
+    return partition.PartitionError(jnp.zeros((), jnp.uint8))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _count(template: Any, s: Array, box_key: tuple, list_cutoff: float) -> Array:
+    """How many pairs the positions ``s`` need."""
+    return jnp.sum(_candidates(template, s, np.asarray(box_key), list_cutoff)[1])
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _first_build(template: Any, s: Array, box_key: tuple, list_cutoff: float) -> tuple[Any, Array, Array, Array]:
+    pairs = _built(template, s, np.asarray(box_key), list_cutoff, _no_error())
+    return (pairs, *_pair_indices(pairs, s.shape[0]))
 
 
 # ------------------------------------------------------------ list life cycle
@@ -245,18 +295,18 @@ def allocate(
     ``capacity_multiplier`` times what the positions need (cell capacity
     ``CELL_CAPACITY_MULTIPLIER`` times), plus ``extra_capacity`` pairs per
     particle and particles per cell, rounded up (:func:`_round_capacity`)."""
-    n, dim = positions.shape
+    n = positions.shape[0]
     template, prepare = _list_fns(_box_key(box), cutoff, _cells_per_side(box, cutoff))
-    # The cell capacity from the fullest cell; a list with room for every
-    # candidate of the 3^dim neighbouring cells; the pair capacity from its count.
-    # (jax-md's own allocate runs op by op, and compiles each op anew for every
-    # new size: seconds. These are three compiled calls.)
+    # The cell capacity from the fullest cell, the pair capacity from the count of
+    # pairs, then the list. (jax-md's own allocate runs op by op, and compiles each
+    # op anew for every new size: seconds. These are three compiled calls.)
     s, fullest = prepare(jnp.asarray(positions))
     cell_capacity = _round_capacity(int(int(fullest) * CELL_CAPACITY_MULTIPLIER) + extra_capacity)
-    template = dataclasses.replace(template, cell_list_capacity=cell_capacity, max_occupancy=n * 3**dim * cell_capacity)
-    pairs, count = _all_pairs_within(template, s)
+    template = dataclasses.replace(template, cell_list_capacity=cell_capacity)
+    count = _count(template, s, _box_key(box), cutoff)
     capacity = _round_capacity(int(int(count) * capacity_multiplier) + n * extra_capacity)
-    pairs, i, j, mask = _truncated(pairs, capacity)
+    template = dataclasses.replace(template, max_occupancy=capacity)
+    pairs, i, j, mask = _first_build(template, s, _box_key(box), cutoff)
     flags = jnp.asarray(OVERFLOW if bool(pairs.did_buffer_overflow) else 0, jnp.int32)
     return Neighbors(pairs, i, j, mask, jnp.asarray(positions), flags, jnp.zeros((), jnp.int32), cutoff, _box_key(box))
 
@@ -285,7 +335,7 @@ def build(template: Neighbors, positions: Array, reach: Array, box: Array) -> Ne
     n = positions.shape[0]
     list_box = jnp.asarray(template.box, dtype=positions.dtype)
     s = _fractional(jnp.linalg.inv(list_box), positions)
-    pairs = _blank_pairs(template.pairs, s, n).update(s)
+    pairs = _built(template.pairs, s, np.asarray(template.box), template.cutoff, _no_error())
     indices = _pair_indices(pairs, n)
     neighbors = Neighbors(pairs, *indices, positions, None, jnp.zeros((), jnp.int32), template.cutoff, template.box)
     return dataclasses.replace(neighbors, flags=flags_at(neighbors, reach, box))
@@ -305,7 +355,7 @@ def update(neighbors: Neighbors, positions: Array, reach: Array, box: Array) -> 
 
     def rebuild(old: Neighbors) -> Neighbors:
         s = _fractional(jnp.asarray(np.linalg.inv(np.asarray(old.box))), positions)
-        pairs = old.pairs.update(s)
+        pairs = _built(old.pairs, s, np.asarray(old.box), old.cutoff, old.pairs.error)
         return dataclasses.replace(old, pairs=pairs, reference=positions, rebuilds=old.rebuilds + 1).replace_indices(n)
 
     neighbors = jax.lax.cond(stale, rebuild, lambda old: old, neighbors)

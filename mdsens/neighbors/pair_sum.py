@@ -143,6 +143,20 @@ def hessian_diagonal(
     )
 
 
+def hessian_blocks(
+    pair_energy: PairEnergy, pair_params: PairParams, positions: Array, params: Params, neighbors: Neighbors
+) -> Array:
+    """Exact diagonal blocks of the Hessian, shape ``(N, dim, dim)``, in O(N): block
+    ``k`` is the sum over the pairs of particle ``k`` of their pair blocks
+    ``phi'' r^ r^T + phi'/r (I - r^ r^T)``."""
+    n, dim = positions.shape
+    dr, a, b = _pair_blocks(pair_energy, pair_params, positions, params, neighbors)
+    block = a[:, None, None] * dr[:, :, None] * dr[:, None, :] + b[:, None, None] * jnp.eye(dim, dtype=dr.dtype)
+    return jax.ops.segment_sum(block, neighbors.i, n, indices_are_sorted=True) + jax.ops.segment_sum(
+        block, neighbors.j, n
+    )
+
+
 # ------------------------------------------------------- differentiable sums
 
 
