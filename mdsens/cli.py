@@ -1,4 +1,5 @@
-"""The ``mdsens`` command: ``mdsens study CONFIG --out DIR`` and ``mdsens demo``.
+"""The ``mdsens`` command: ``mdsens study CONFIG --out DIR``, ``mdsens export DIR``
+and ``mdsens demo``.
 
 Importing mdsens imports JAX and jax-md, and importing jax-md starts JAX's
 backend, after which the number of CPU devices is fixed and
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 import jax
 
 from mdsens import study
-from mdsens.study import store
+from mdsens.study import runtime, store
 
 STUDY_HELP = """\
 Run a batched parameter study described in a TOML file: relax every point of a
@@ -29,8 +30,10 @@ DIR/results.nc. Chunks are written to DIR/chunks/ as they finish: run the same
 command again after an interruption (even SIGKILL) to resume. A different
 configuration is refused in an existing folder.
 
-Batches are sharded over all devices. A CPU counts as one device per core
-(--cpu-devices N or $JAX_NUM_CPU_DEVICES to choose another number). On several hosts, start one process per host with
+Every device keeps --width samples in flight (finished ones leave, queued
+ones take their slots); the numbers do not depend on the width. A CPU counts
+as one device per core (--cpu-devices N or $JAX_NUM_CPU_DEVICES to choose
+another number). On several hosts, start one process per host with
 --distributed (Slurm, Open MPI: detected) or with --coordinator,
 --num-processes and --process-id.
 
@@ -49,13 +52,6 @@ xarray.open_dataset("DIR/results.nc") or mdsens.study.load("DIR")."""
 
 #: Exit status of ``mdsens study`` when some samples failed (see STUDY_HELP).
 EXIT_FAILED_SAMPLES = 3
-
-
-def _cache_dir_default() -> str:
-    if os.environ.get("MDSENS_CACHE_DIR"):
-        return os.environ["MDSENS_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mdsens", "jax-cache")
 
 
 def _version() -> str:
@@ -98,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--no-cache", action="store_true", help="do not use the persistent compilation cache")
     study.add_argument(
+        "--width",
+        metavar="W",
+        type=int,
+        default=None,
+        help="slots per device of the in-flight batch (default: from the device's memory; results do not depend on it)",
+    )
+    study.add_argument(
         "--cpu-devices",
         metavar="N",
         type=int,
@@ -113,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
     hosts.add_argument("--num-processes", metavar="N", type=int, help="number of processes")
     hosts.add_argument("--process-id", metavar="I", type=int, help="this process's index, 0..N-1")
+
+    export = commands.add_parser(
+        "export",
+        help="write one sample of a study (relaxed positions, box, species, sensitivity fields) as extxyz or GSD",
+    )
+    export.add_argument("out", metavar="DIR", help="the study's output folder")
+    export.add_argument("--point", type=int, required=True, help="the point's index")
+    export.add_argument("--seed", type=int, required=True, help="the seed (a value of the study's seeds)")
+    export.add_argument("--to", metavar="FILE", required=True, help="the file to write: .xyz, .extxyz or .gsd")
+    export.add_argument(
+        "--config", metavar="CONFIG", help="the study's TOML file, if it reads files named relative to it"
+    )
 
     commands.add_parser(
         "demo",
@@ -148,25 +163,6 @@ def _backend_started() -> bool:
         return bool(xla_bridge.backends_are_initialized())
     except (ImportError, AttributeError):  # private API moved: assume the worst
         return True
-
-
-def _quiet_cache_loads() -> None:
-    """XLA logs two C++ "errors" for every program loaded from the persistent
-    cache ("Target machine feature +prefer-no-gather is not supported on the
-    host machine"), which are harmless: show XLA's C++ log from level 3 (fatal)
-    only, unless TF_CPP_MIN_LOG_LEVEL is set to another level than JAX's
-    default (1). Errors still raise. Starting the backend resets the level, so
-    this starts it first."""
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") != "1":
-        return
-    try:
-        from jax._src.lib import utils
-
-        jax.devices()
-
-        utils.absl_set_min_log_level(3)
-    except (ImportError, AttributeError):  # private API moved: keep the noise
-        pass
 
 
 def _cores() -> int:
@@ -205,11 +201,7 @@ def _setup_jax(
             jax.distributed.initialize(**distributed)
     jax.config.update("jax_enable_x64", True)
     if cache_dir:
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
-        # Cache every program: a second run of the same study shape compiles nothing.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        _quiet_cache_loads()
+        runtime.use_compilation_cache(cache_dir)
 
 
 def _fail(command: str, message: str, code: int = 2) -> int:
@@ -222,8 +214,9 @@ def _study(args: argparse.Namespace, argv: Sequence[str], own_process: bool) -> 
         config = study.load_config(args.config)
     except study.StudyConfigError as error:
         return _fail("study", str(error))
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        return _fail("study", f"--cpu-devices must be >= 1; got {args.cpu_devices}.")
+    for flag, value in (("--cpu-devices", args.cpu_devices), ("--width", args.width)):
+        if value is not None and value < 1:
+            return _fail("study", f"{flag} must be >= 1; got {value}.")
     try:
         store.check_out(args.out)
     except study.StudyError as error:
@@ -239,7 +232,7 @@ def _study(args: argparse.Namespace, argv: Sequence[str], own_process: bool) -> 
         distributed = {k: v for k, v in explicit.items() if v is not None}
         if 0 < len(distributed) < 3 and args.coordinator is not None:
             return _fail("study", "--coordinator needs --num-processes and --process-id too.")
-    cache_dir = None if args.no_cache else (args.cache_dir or _cache_dir_default())
+    cache_dir = None if args.no_cache else (args.cache_dir or runtime.default_cache_dir())
     _setup_jax(cache_dir, args.cpu_devices, distributed, argv, own_process)
 
     def log(message: str) -> None:
@@ -253,7 +246,7 @@ def _study(args: argparse.Namespace, argv: Sequence[str], own_process: bool) -> 
         with warnings.catch_warnings():
             # mdsens's warnings (a stale lock taken over, a chunk computed again) as one line each.
             warnings.showwarning = lambda message, *_, **__: log(f"mdsens study: warning: {message}")
-            dataset = study.run(config, args.out, progress=not args.no_progress, log=log)
+            dataset = study.run(config, args.out, progress=not args.no_progress, width=args.width, cache=False, log=log)
     except (study.StudyConfigError, study.StudyError) as error:
         return _fail("study", str(error))
     except KeyboardInterrupt:
@@ -288,14 +281,25 @@ def _plan_summary(plan: study.Plan) -> dict:
         "groups": [{"points": len(g.points), "n": g.n, "dim": g.dim} for g in plan.groups],
         "chunks": len(plan.chunks),
         "chunk_size": plan.config.chunk_size,
+        "schedule": plan.config.schedule,
         "devices": len(jax.devices()),
         "sensitivities": list(plan.config.sensitivities),
     }
 
 
+def _export(args: argparse.Namespace) -> int:
+    jax.config.update("jax_enable_x64", True)
+    try:
+        study.export(args.out, args.point, args.seed, args.to, config=args.config)
+    except (study.StudyConfigError, study.StudyError, ValueError, OSError) as error:
+        return _fail("export", str(error))
+    print(f"wrote {args.to}")
+    return 0
+
+
 def _demo(argv: Sequence[str]) -> int:
     if not {"-h", "--help"} & set(argv):
-        _setup_jax(_cache_dir_default())  # the demo runs on one device: no re-run for more
+        _setup_jax(runtime.default_cache_dir())  # the demo runs on one device: no re-run for more
     from mdsens import demo  # imports matplotlib: only for this command
 
     demo.main(list(argv))
@@ -314,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "study":
         return _study(args, argv, own_process)
+    if args.command == "export":
+        return _export(args)
     parser.print_help()
     return 0
 

@@ -1,38 +1,29 @@
 #!/usr/bin/env python3
-"""Benchmark mdsens.study: batched (vmapped, sharded) relaxations and
-sensitivities against a Python loop of single runs, and the cost of the
-spread of FIRE step counts in a vmapped while-loop.
+"""Benchmark mdsens.study (in-flight batching) against a Python loop of single
+runs, on one device, on several CPU devices, and (``--device gpu``) on a GPU.
 
 Workload: 64 packings (4 packing fractions x 16 seeds) of N = 128 bidisperse
-soft discs (the demo's system), each relaxed to fmax 1e-12 with the
+soft discs (the demo's system), each relaxed to fmax 1e-12, with the
 sensitivity of every position to the small particles' diameter and dE*/d(all
 parameters). Methods:
 
-- ``loop``: one ``mdsens.equilibrium_jvp`` + (jitted) ``energy_sensitivity``
-  per packing, reusing one compiled program (the systems share one energy
-  structure, so one system's energy serves all: the best a loop can do).
-- ``loop_naive``: the same with each packing's own System, as a plain script
-  would write it; mdsens compiles per energy, so every packing recompiles.
-  Timed on ``--naive-samples`` packings and extrapolated.
-- ``study_vmap``: ``mdsens.study`` with ``schedule = "vmap"``: one vmapped
-  while-loop per chunk, which runs until its slowest member converges.
-- ``study_compact``: ``schedule = "compact"`` (the default): unfinished
-  members are carried into batches of half the size.
-- ``study_compact_1dev``: the default schedule on one device, as the loop:
-  the gain of batching alone, without sharding.
+- ``loop``: one ``mdsens.equilibrium_jvp`` (a single ``mdsens.relax`` and one
+  sensitivity solve) and one jitted ``mdsens.energy_sensitivity`` per packing,
+  reusing one compiled program (the packings share one energy structure).
+- ``study_1dev``: ``mdsens.study.run`` on one device, ``--width`` slots.
+- ``study_Ndev``: the same on ``--cpu-devices`` CPU devices, in a subprocess
+  started with ``JAX_NUM_CPU_DEVICES`` (JAX fixes its device count at start).
 
-The cost of the spread of step counts is ``1 - step_efficiency`` of
-``study_vmap`` (``member_steps / slot_steps``: the fraction of vmapped slot
-steps that do useful work); ``compact_vs_vmap`` is what the mitigation gains.
+For each: wall and CPU time (``time.process_time``, of the process that
+computes) per sample, and for the study the fraction of slot steps doing work
+(``member_steps / slot_steps``: a slot is occupied from the step its sample
+enters to the end of the stage in which it finishes). Compilation is excluded
+(each method is warmed up first on the same shapes) and reported separately.
+The machine may be shared: the load average is printed with the numbers, and
+CPU time depends less on the load than wall time. ``scaling`` is the
+throughput (samples per wall second) of N devices over one device's.
 
-Compilation is excluded from the throughput (each method is warmed up first
-on the same shapes) and reported separately. Prints JSON. The machine may be
-shared with other processes: the load average is reported with the numbers,
-and every method's process CPU time too (``cpu_per_sample``), which depends
-less on the load: ``cpu_ratios`` compare work per sample, and a method on
-``d`` devices of an idle machine has about ``d`` times its CPU throughput.
-
-    python scripts/bench_study.py [--cpu-devices 2] [--chunk-size 16] [--naive-samples 2]
+    python scripts/bench_study.py [--cpu-devices 2] [--width 8] [--device cpu|gpu]
 """
 
 from __future__ import annotations
@@ -40,45 +31,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 
+PHIS = [0.86, 0.88, 0.90, 0.92]
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=128)
-    parser.add_argument("--seeds", type=int, default=16, help="seeds per packing fraction (4 fractions)")
-    parser.add_argument("--chunk-size", type=int, default=16)
-    parser.add_argument(
-        "--cpu-devices", type=int, default=os.cpu_count() or 1, help="CPU devices for the study (default: one per core)"
-    )
-    parser.add_argument("--naive-samples", type=int, default=2)
-    parser.add_argument(
-        "--skip",
-        nargs="*",
-        default=[],
-        choices=["loop", "loop_naive", "study_vmap", "study_compact", "study_compact_1dev"],
-    )
-    args = parser.parse_args()
 
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-    import numpy as np
-
-    import mdsens
-    from mdsens import study, systems
-
-    phis = [0.86, 0.88, 0.90, 0.92]
-    config_text = f"""
+def config_text(n: int, seeds: int, phis: list[float]) -> str:
+    return f"""
 [study]
-seeds = {args.seeds}
-chunk_size = {args.chunk_size}
-schedule = "SCHEDULE"
+seeds = {seeds}
+chunk_size = 16
 [system]
 builder = "soft_sphere_packing"
-n = {args.n}
+n = {n}
 dim = 2
 diameters = [1.0, 1.4]
 [grid]
@@ -86,143 +53,150 @@ phi = {phis}
 [sensitivities.small_diameter]
 diameters = [1.0, 0.0]
 """
-    config = study.parse_config(config_text.replace("SCHEDULE", "compact"))
-    samples = [(a, seed) for a in config.point_args() for seed in config.seeds]
-    results: dict = {
-        "workload": {
-            "n": args.n,
-            "dim": 2,
-            "samples": len(samples),
-            "phi": phis,
-            "seeds": args.seeds,
-            "fmax": 1e-12,
-            "sensitivities": 1,
-        },
-        "devices": {"study": len(jax.devices()), "loop": 1, "cpu_count": os.cpu_count()},
-        "chunk_size": args.chunk_size,
-        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+
+
+def measure_study(args: argparse.Namespace, devices: list) -> dict:
+    """Warm up on the first packing fraction's first seeds, then time the study."""
+    from mdsens import study
+
+    text = config_text(args.n, args.seeds, PHIS)
+    warm = config_text(args.n, min(args.seeds, args.width * len(devices)), PHIS[:1])
+    start = time.perf_counter()
+    study.run(warm, devices=devices, width=args.width, progress=False, cache=False)
+    compile_seconds = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    ds = study.run(text, devices=devices, width=args.width, progress=False, cache=False)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    a, samples = ds.attrs, ds.relax_converged.size
+    return {
+        "devices": int(a["run_devices"]),
+        "width": int(a["run_width"]),
+        "seconds": round(seconds, 2),
+        "per_sample": round(seconds / samples, 3),
+        "cpu_per_sample": round(cpu / samples, 3),
+        "samples_per_second": round(samples / seconds, 3),
+        "warmup_with_compile": round(compile_seconds, 2),
+        "relax_seconds": round(a["run_relax_seconds"], 2),
+        "post_seconds": round(a["run_post_seconds"], 2),
+        "host_seconds": round(a["run_host_seconds"], 2),
+        "member_steps": int(a["run_member_steps"]),
+        "slot_steps": int(a["run_slot_steps"]),
+        "useful_slot_steps": round(a["run_member_steps"] / a["run_slot_steps"], 3),
+        "stages": int(a["run_stages"]),
+        "relax_converged": int(ds.relax_converged.sum()),
+        "solves_converged": int(ds.solve_converged.sum()),
     }
 
-    built = [systems.soft_sphere_packing(**a, seed=seed) for a, seed in samples]
-    first = built[0]
 
+def measure_loop(args: argparse.Namespace, device) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import mdsens
+    from mdsens import systems
+
+    built = [
+        systems.soft_sphere_packing(args.n, dim=2, phi=phi, diameters=[1.0, 1.4], seed=seed)
+        for phi in PHIS
+        for seed in range(args.seeds)
+    ]
+    first = built[0]
     energy_sensitivity = jax.jit(mdsens.energy_sensitivity, static_argnums=0)
 
-    def single(system, energy_of, jit_envelope=True):
-        """One packing, with the energy of the system ``energy_of`` (``first``: one compiled program for all)."""
+    def single(system):
         tangent = {**jax.tree.map(jnp.zeros_like, system.params), "diameters": jnp.array([1.0, 0.0])}
-        x, dx, info = mdsens.equilibrium_jvp(energy_of, system.params, tangent, positions=system.positions)
-        envelope = energy_sensitivity if jit_envelope else mdsens.energy_sensitivity
-        grads = envelope(energy_of, x, system.params)
+        x, dx, info = mdsens.equilibrium_jvp(first, system.params, tangent, positions=system.positions)
+        grads = energy_sensitivity(first, x, system.params)
         jax.block_until_ready((dx, grads))
-        return int(info.relax.n_steps), bool(info.relax.converged), np.asarray(x)
+        return int(info.relax.n_steps), bool(info.relax.converged)
 
-    if "loop" not in args.skip:
+    with jax.default_device(device):
         start = time.perf_counter()
-        single(built[0], first)
+        single(first)
         compile_seconds = time.perf_counter() - start
         start, cpu = time.perf_counter(), time.process_time()
-        steps = [single(s, first) for s in built]
+        steps = [single(s) for s in built]
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        loop_positions = np.stack([x for _, _, x in steps])
-        results["loop"] = {
-            "seconds": round(seconds, 2),
-            "per_sample": round(seconds / len(built), 3),
-            "cpu_per_sample": round(cpu / len(built), 3),
-            "first_call_with_compile": round(compile_seconds, 2),
-            "converged": sum(c for _, c, _ in steps),
-            "fire_steps": [n for n, _, _ in steps],
-        }
-
-    if "loop_naive" not in args.skip:
-        subset = built[1 : 1 + args.naive_samples]
-        start = time.perf_counter()
-        for s in subset:
-            single(s, s, jit_envelope=False)
-        seconds = time.perf_counter() - start
-        results["loop_naive"] = {
-            "samples_timed": len(subset),
-            "per_sample": round(seconds / len(subset), 3),
-            "extrapolated_seconds": round(seconds / len(subset) * len(built), 1),
-        }
-
-    variants = {
-        "study_vmap": ("vmap", None),
-        "study_compact": ("compact", None),
-        "study_compact_1dev": ("compact", jax.devices()[:1]),
+    fire = np.asarray([n for n, _ in steps])
+    return {
+        "seconds": round(seconds, 2),
+        "per_sample": round(seconds / len(built), 3),
+        "cpu_per_sample": round(cpu / len(built), 3),
+        "samples_per_second": round(len(built) / seconds, 3),
+        "first_call_with_compile": round(compile_seconds, 2),
+        "converged": sum(c for _, c in steps),
+        "fire_steps": {"min": int(fire.min()), "mean": round(float(fire.mean()), 1), "max": int(fire.max())},
     }
-    for name, (schedule, devices) in variants.items():
-        if name in args.skip:
-            continue
-        text = config_text.replace("SCHEDULE", schedule)
-        # Warm-up on the first chunk's samples (same shapes: compiles every program).
-        warm_text = text.replace(f"seeds = {args.seeds}", f"seeds = {list(range(min(args.seeds, args.chunk_size)))}")
-        warm_text = warm_text.replace(f"phi = {phis}", f"phi = {phis[:1]}")
-        start = time.perf_counter()
-        study.run(warm_text, devices=devices)
-        compile_seconds = time.perf_counter() - start
-        start, cpu = time.perf_counter(), time.process_time()
-        ds = study.run(text, devices=devices)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        a = ds.attrs
-        results[name] = {
-            "devices": int(a["run_devices"]),
-            "seconds": round(seconds, 2),
-            "per_sample": round(seconds / len(samples), 3),
-            "cpu_per_sample": round(cpu / len(samples), 3),
-            "warmup_first_chunk_with_compile": round(compile_seconds, 2),
-            "relax_seconds": round(a["run_relax_seconds"], 2),
-            "post_seconds": round(a["run_post_seconds"], 2),
-            "host_seconds": round(a["run_host_seconds"], 2),
-            "member_steps": int(a["run_member_steps"]),
-            "slot_steps": int(a["run_slot_steps"]),
-            "step_efficiency": round(a["run_member_steps"] / a["run_slot_steps"], 3),
-            "stages": int(a["run_stages"]),
-            "relax_converged": int(ds.relax_converged.sum()),
-            "solves_converged": int(ds.solve_converged.sum()),
-            "solve_iterations_max": int(ds.solve_iterations.max()),
-            "solve_iterations_mean": round(float(ds.solve_iterations.mean()), 1),
-        }
-        if "loop" in results:  # equal up to rounding (batches of another size round differently)
-            loop_steps = np.asarray(results["loop"]["fire_steps"])
-            results[name]["vs_loop"] = {
-                "max_position_difference": float(
-                    np.abs(ds.positions.values.reshape(len(samples), -1, 2) - loop_positions).max()
-                ),
-                "max_relative_step_difference": round(
-                    float(np.max(np.abs(ds.relax_n_steps.values.ravel() - loop_steps) / loop_steps)), 4
-                ),
-            }
 
-    steps = None
-    if "loop" in results:
-        steps = np.asarray(results["loop"]["fire_steps"])
-        results["loop"]["fire_steps"] = {
-            "min": int(steps.min()),
-            "mean": round(float(steps.mean()), 1),
-            "max": int(steps.max()),
-            "sum": int(steps.sum()),
-        }
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--seeds", type=int, default=16, help="seeds per packing fraction (4 fractions)")
+    parser.add_argument("--width", type=int, default=8, help="slots per device")
+    parser.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1, help="CPU devices of study_Ndev")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["loop", "study_1dev", "study_Ndev"])
+    parser.add_argument("--study-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess
+    args = parser.parse_args()
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    if args.study_only:  # the subprocess of study_Ndev: every device of this process
+        print(json.dumps(measure_study(args, jax.devices())))
+        return
+    workload = {"n": args.n, "dim": 2, "samples": 4 * args.seeds, "phi": PHIS, "fmax": 1e-12, "sensitivities": 1}
+    results: dict = {"workload": workload, "cpu_count": os.cpu_count(), "device": args.device}
+    if args.device == "gpu":
+        try:
+            devices = jax.devices("gpu")
+        except RuntimeError:
+            devices = []
+        if not devices:
+            print(
+                json.dumps(
+                    {
+                        "device": "gpu",
+                        "available": False,
+                        "would_measure": "on the first GPU: the loop (equilibrium_jvp + energy_sensitivity per "
+                        "packing) and study.run with --width slots, warmed up first; wall time per sample (the "
+                        "host CPU time is not the GPU's work), useful slot steps, and study_Ndev on every GPU",
+                        "workload": workload,
+                    },
+                    indent=2,
+                )
+            )
+            return
+    else:
+        devices = jax.devices("cpu")
+    results["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
+    if "loop" not in args.skip:
+        results["loop"] = measure_loop(args, devices[0])
+    if "study_1dev" not in args.skip:
+        results["study_1dev"] = measure_study(args, devices[:1])
+    if "study_Ndev" not in args.skip:
+        if args.device == "gpu":
+            results["study_Ndev"] = measure_study(args, devices)
+        else:
+            env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(args.cpu_devices), "JAX_PLATFORMS": "cpu"}
+            command = [sys.executable, __file__, "--study-only", "--n", str(args.n), "--seeds", str(args.seeds)]
+            command += ["--width", str(args.width)]
+            run = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            results["study_Ndev"] = json.loads(run.stdout.strip().splitlines()[-1])
     ratios = {}
-    for name in variants:
-        if name in results:
-            for base in ("loop", "loop_naive"):
-                if base in results:
-                    ratios[f"{name}_vs_{base}"] = round(results[base]["per_sample"] / results[name]["per_sample"], 2)
-    if "study_vmap" in results and "study_compact" in results:
-        ratios["compact_vs_vmap"] = round(
-            results["study_vmap"]["relax_seconds"] / results["study_compact"]["relax_seconds"], 2
-        )
-        ratios["compact_vs_vmap_total"] = round(
-            results["study_vmap"]["seconds"] / results["study_compact"]["seconds"], 2
-        )
-    results["throughput_ratios"] = ratios
     if "loop" in results:
-        results["cpu_ratios"] = {
-            f"{name}_vs_loop": round(results["loop"]["cpu_per_sample"] / results[name]["cpu_per_sample"], 2)
-            for name in variants
-            if name in results
-        }
+        for name in ("study_1dev", "study_Ndev"):
+            if name in results:
+                ratios[f"{name}_cpu_vs_loop"] = round(
+                    results[name]["cpu_per_sample"] / results["loop"]["cpu_per_sample"], 2
+                )
+    if "study_1dev" in results and "study_Ndev" in results:
+        one, many = results["study_1dev"], results["study_Ndev"]
+        ratios["scaling"] = round(many["samples_per_second"] / one["samples_per_second"], 2)
+        ratios["scaling_goal"] = round(0.8 * many["devices"], 2)
+    results["ratios"] = ratios
     results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=2))
 

@@ -1,9 +1,10 @@
 """mdsens.study: batched, sharded, resumable studies.
 
 Oracles: direct calls of mdsens.relax, mdsens.equilibrium_jvp and
-mdsens.energy_sensitivity for each sample; a run on one device (this process)
-for a run sharded over four (a subprocess); bitwise equality with the chunks
-of an uninterrupted run for a resumed one; xarray reading the files itself.
+mdsens.energy_sensitivity for each sample; bitwise equality with a run on one
+device (this process) for runs of other widths and schedules, for runs
+sharded over two and four devices or two processes (subprocesses), and for
+resumed runs; xarray reading the files itself.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import mdsens
 from mdsens import study, systems
 from mdsens.study import config as study_config
 from mdsens.study import plan as study_plan
+from mdsens.study import store
 from mdsens.study.config import BUILDER_PARAMS, BUILDERS, parse_config
 
 # 2 x 2 points x 4 seeds = 16 samples in 4 chunks of 4: one member per device
@@ -58,47 +60,25 @@ N_CHUNKS = 4
 N_SAMPLES = 16
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# Equal up to rounding: a batch of another size (another device count, the
-# other schedule, a single run) rounds differently, and FIRE follows a slightly
-# different path to the same minimum.
-EXACT = (
-    "relax_converged",
-    "relax_status",
-    "n_zero_modes",
-    "solve_converged",
-    "solve_status",
-    "solve_singular",
-    "done",
-    "param_diameters",
-    "param_box",
-    "param_epsilon",
-    "param_alpha",
-)
-CLOSE = {  # name: (rtol, atol)
-    "positions": (0, 1e-10),
-    "energy": (1e-9, 1e-16),
-    "energy_grad_diameters": (1e-8, 1e-14),
-    "energy_grad_box": (1e-8, 1e-14),
-    "energy_grad_epsilon": (1e-8, 1e-14),
-    "energy_grad_alpha": (1e-8, 1e-14),
-    "energy_sensitivity": (1e-8, 1e-14),
-    "position_sensitivity": (1e-6, 1e-8),
-}
-
-
-def assert_same_results(actual, expected) -> None:
-    for name in EXACT:
-        np.testing.assert_array_equal(actual[name].values, expected[name].values, err_msg=name)
-    for name, (rtol, atol) in CLOSE.items():
-        np.testing.assert_allclose(actual[name].values, expected[name].values, rtol=rtol, atol=atol, err_msg=name)
-    assert (actual.relax_fmax.values <= 1e-12).all() and (actual.solve_residual.values <= 1e-10).all()
-    # A few steps more or less on another path to the same minimum.
-    np.testing.assert_allclose(actual.relax_n_steps, expected.relax_n_steps, rtol=0.1)
-
 
 def assert_bitwise_equal(actual, expected) -> None:
     for name, variable in expected.data_vars.items():
         np.testing.assert_array_equal(actual[name].values, variable.values, err_msg=name)
+
+
+# Computed from the relaxed state by a program that XLA compiles a little
+# differently when it is partitioned over several devices: the last bit may
+# differ (one ulp of one pressure in 16 was seen).
+LAST_BIT = ("pressure", "stress", "contact_number")
+
+
+def assert_equal_across_devices(actual, expected) -> None:
+    """Bitwise equal but for :data:`LAST_BIT`, equal to rounding."""
+    for name, variable in expected.data_vars.items():
+        if name in LAST_BIT:
+            np.testing.assert_allclose(actual[name].values, variable.values, rtol=1e-14, atol=0, err_msg=name)
+        else:
+            np.testing.assert_array_equal(actual[name].values, variable.values, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -403,14 +383,127 @@ def test_resume_recomputes_only_missing_chunks(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_vmap_schedule_in_memory(reference):
+def test_widths_and_schedules_are_bitwise_equal(reference):
+    """Every sample runs by a program that does not see its batch neighbours:
+    one slot, three slots in flight and whole batches of eight give the numbers
+    of the reference (sixteen slots), bit for bit. Whole batches occupy more
+    slot steps for the same member steps."""
     _, ds = reference
-    plain = study.run(CONFIG.replace("chunk_size = 4", 'chunk_size = 4\nschedule = "vmap"'))  # out=None: no files
-    assert_same_results(plain, ds)
-    # One vmapped loop per chunk: every slot runs as long as the chunk's slowest member.
-    steps = plain.relax_n_steps.values.reshape(N_CHUNKS, 4)
-    assert plain.attrs["run_slot_steps"] == 4 * steps.max(axis=1).sum()
-    assert plain.attrs["run_member_steps"] == steps.sum()
+    vmap = CONFIG.replace("chunk_size = 4", 'chunk_size = 4\nschedule = "vmap"')
+    runs = {(1, "inflight"): study.run(CONFIG, width=1), (3, "inflight"): study.run(CONFIG, width=3)}
+    runs[8, "vmap"] = study.run(vmap, width=8)
+    for (width, _), result in runs.items():
+        assert result.attrs["run_width"] == width
+        assert_bitwise_equal(result, ds)
+        assert result.attrs["run_member_steps"] == ds.relax_n_steps.values.sum()
+    occupied = {key: r.attrs["run_member_steps"] / r.attrs["run_slot_steps"] for key, r in runs.items()}
+    assert occupied[3, "inflight"] > occupied[8, "vmap"]
+
+
+def test_progress_counts_samples_as_they_finish(monkeypatch):
+    """The bar starts before planning, says when it compiles, and counts every
+    sample once, as it finishes (several updates within one chunk)."""
+    import tqdm
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, **kwargs):
+            self.total, self.updates, self.descriptions = total, [], [kwargs.get("desc")]
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def set_description_str(self, text):
+            self.descriptions.append(text)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    small = CONFIG.replace("seeds = 4", "seeds = 2").replace("phi = [0.85, 0.95]", "phi = [0.85]")
+    study.run(small, width=1, progress=True)
+    (bar,) = bars
+    assert bar.total == 4 and sum(bar.updates) == 4
+    assert [n for n in bar.updates if n] == [1, 1, 1, 1]  # one slot: one sample at a time
+    assert bar.descriptions[0] == "study: planning"
+    assert bar.descriptions[1].startswith("study: compiling for N = 16 (width 1 x 1 devices)")
+    assert bar.descriptions[-1] == "study: running"
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_bitwise(reference, tmp_path, monkeypatch):
+    """Interrupted once its first chunk is written (samples of later chunks in
+    flight), the run leaves that chunk, and a second run computes the others
+    and equals the uninterrupted reference bit for bit."""
+    _, ds = reference
+    write = store.StudyFolder.write_chunk
+
+    def write_then_stop(self, index, data):
+        write(self, index, data)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(store.StudyFolder, "write_chunk", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        study.run(CONFIG, out, width=3)
+    monkeypatch.setattr(store.StudyFolder, "write_chunk", write)
+    assert [p.name for p in (out / "chunks").iterdir()] == ["chunk-00000.nc"]
+    resumed = study.run(CONFIG, out, width=2)
+    assert resumed.attrs["run_chunks_computed"] == N_CHUNKS - 1
+    assert_bitwise_equal(resumed, ds)
+
+
+NEIGHBOR_STUDY = """\
+[study]
+seeds = 3
+chunk_size = 2
+
+[system]
+builder = "soft_sphere_packing"
+n = 32
+phi = 0.9
+diameters = [1.0, 1.4]
+neighbor_list = NEIGHBOR_LIST
+
+[sensitivities.small]
+diameters = [1.0, 0.0]
+"""
+
+
+@pytest.mark.slow
+def test_neighbor_list_study_equals_all_pairs(tmp_path):
+    """A study of neighbor-list systems (one shared list capacity, from the
+    plan) against the same study summed over all pairs: the same minima and
+    sensitivities up to the rounding of another order of the pair sums, the
+    same step counts; and it resumes, bit for bit, from a chunk on disk."""
+    listed = NEIGHBOR_STUDY.replace("NEIGHBOR_LIST", "true")
+    plan = study.Plan.from_config(listed)
+    (group,) = plan.groups
+    assert group.system.neighbor_list and group.capacity == (
+        group.system.energy.template.capacity,
+        group.system.energy.template.pairs.cell_list_capacity,
+    )
+    out = tmp_path / "out"
+    with_lists = study.run(listed, out, width=2)
+    all_pairs = study.run(NEIGHBOR_STUDY.replace("NEIGHBOR_LIST", "false"), width=2)
+    assert with_lists.attrs["failed_samples"] == 0 and with_lists.relax_converged.values.all()
+    np.testing.assert_array_equal(with_lists.relax_n_steps, all_pairs.relax_n_steps)
+    np.testing.assert_array_equal(with_lists.n_rattlers, all_pairs.n_rattlers)
+    for name, atol in (("positions", 1e-11), ("energy", 1e-15), ("pressure", 1e-13), ("energy_grad_diameters", 1e-13)):
+        np.testing.assert_allclose(with_lists[name], all_pairs[name], rtol=0, atol=atol, err_msg=name)
+    scale = np.abs(all_pairs.position_sensitivity.values).max()
+    np.testing.assert_allclose(with_lists.position_sensitivity, all_pairs.position_sensitivity, atol=1e-8 * scale)
+
+    (out / "results.nc").unlink()
+    (out / "chunks" / "chunk-00001.nc").unlink()
+    resumed = study.run(listed, out, width=2)
+    assert resumed.attrs["run_chunks_computed"] == 1
+    assert_bitwise_equal(resumed, with_lists)
 
 
 # -- several devices and SIGKILL (subprocesses: about 15 s of CPU each for importing jax-md and compiling)
@@ -452,7 +545,8 @@ def test_sigkill_and_resume_on_four_devices(reference, config_path, tmp_path):
     on disk (a half-written chunk left beside it), then run again: it resumes,
     the chunk written before the kill is untouched, every sample is computed
     exactly once, the persistent compilation cache is used, and the results of
-    the four devices equal those of one device (the reference)."""
+    the four devices equal those of one device (the reference): bit for bit but
+    for the last bit of the physics (:data:`LAST_BIT`)."""
     _, ds = reference
     out, cache = tmp_path / "killed", tmp_path / "jax-cache"
     env = subprocess_env(cache, JAX_NUM_CPU_DEVICES="4")
@@ -460,12 +554,13 @@ def test_sigkill_and_resume_on_four_devices(reference, config_path, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-c", PAUSING_CLI, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    first = out / "chunks" / "chunk-00000.nc"
     deadline = time.monotonic() + 300
-    while not first.exists():
+    # Samples finish out of order: the first chunk complete may be any of them.
+    while not (on_disk := sorted((out / "chunks").glob("chunk-*.nc")) if (out / "chunks").is_dir() else []):
         assert process.poll() is None, process.stderr.read().decode()
         assert time.monotonic() < deadline, "no chunk was written"
         time.sleep(0.01)
+    (first,) = on_disk
     process.send_signal(signal.SIGKILL)
     process.wait()
     process.stderr.close()
@@ -473,7 +568,7 @@ def test_sigkill_and_resume_on_four_devices(reference, config_path, tmp_path):
     assert sorted(p.name for p in (out / "chunks").iterdir()) == [first.name]
     assert not (out / "results.nc").exists()
     written = digest(first)
-    half_written = out / "chunks" / ".tmp-chunk-00001.nc.99999"  # as a kill during a write leaves it
+    half_written = out / "chunks" / ".tmp-chunk-00009.nc.99999"  # as a kill during a write leaves it
     half_written.write_bytes(b"CDF\x01 truncated")
     assert any(cache.iterdir()), "the persistent compilation cache was not written"
 
@@ -489,7 +584,31 @@ def test_sigkill_and_resume_on_four_devices(reference, config_path, tmp_path):
     assert resumed.attrs["run_devices"] == 4 and resumed.done.values.all()
     # Every sample once, from the chunk the plan assigns it to.
     np.testing.assert_array_equal(resumed.chunk_index.values.ravel(), np.arange(N_SAMPLES) // 4)
-    assert_same_results(resumed, ds)
+    assert_equal_across_devices(resumed, ds)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_devices_equal_one_bitwise(reference, config_path, tmp_path):
+    """study.run from Python in a process of two CPU devices, three slots each:
+    the samples land on other devices and slots than in the reference (one
+    device, sixteen slots), and their relaxations and sensitivities are the
+    same bit for bit."""
+    _, ds = reference
+    saved = tmp_path / "two_devices.nc"
+    code = (
+        "import jax\n"
+        "jax.config.update('jax_enable_x64', True)\n"
+        "from mdsens import study\n"
+        f"ds = study.run({str(config_path)!r}, width=3, progress=False)\n"
+        "assert ds.attrs['run_devices'] == 2, ds.attrs\n"
+        f"ds.to_netcdf({str(saved)!r}, engine='h5netcdf')\n"
+    )
+    env = subprocess_env(tmp_path / "jax-cache", JAX_NUM_CPU_DEVICES="2")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    with xr.open_dataset(saved, engine="h5netcdf") as two:
+        assert_equal_across_devices(two.load(), ds)
 
 
 @pytest.mark.slow
@@ -524,4 +643,4 @@ def test_two_processes_equal_one(reference, config_path, tmp_path):
     assert [p.returncode for p in processes] == [0, 0], outputs
     result = study.load(out)
     assert result.attrs["run_processes"] == 2 and result.attrs["run_devices"] == 4
-    assert_same_results(result, ds)
+    assert_equal_across_devices(result, ds)

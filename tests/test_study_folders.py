@@ -5,7 +5,7 @@ anything is built, odd output folders, a full disk, and the failure policy.
 Oracles: a reference study of the same plan (a resumed or repaired folder must
 hold its numbers bit for bit), the holder's own pid and host, the samples'
 statuses, and hand-built records for the NaN policy. Every study here has the
-same energy structure and batch size, so the kernels compile once per session.
+same energy structure, so the kernels compile once per width and session.
 """
 
 from __future__ import annotations
@@ -286,33 +286,39 @@ def test_stray_temporary_files_are_removed(reference, copy):
     assert not any(path.exists() for path in stray)
 
 
-# -- 5. chunk size and memory
+# -- 5. width and memory
 
 
-def test_chunk_size_is_capped_at_the_samples(reference, tmp_path):
-    """chunk_size = 2**63 - 1 for 2 samples: a batch of 2, the numbers of the
-    reference's first chunk (the same samples in a batch of the same size)."""
+def test_width_is_capped_at_the_samples(reference, tmp_path):
+    """chunk_size = 2**63 - 1 for 2 samples: one chunk, two slots (the default
+    width is at most the samples per device), the numbers of the reference."""
     config = CONFIG.replace("chunk_size = 2", f"chunk_size = {2**63 - 1}").replace("phi = [0.9, 1.0]", "phi = [0.9]")
-    plan = study.Plan.from_config(config)
-    assert runtime.batch_size(plan, plan.groups[0]) == 2
     ds = run_quietly(config, tmp_path / "out")
+    assert ds.attrs["run_width"] == 2
     for name, variable in ds.data_vars.items():
         np.testing.assert_array_equal(variable.values[0], reference[1][name].values[0], err_msg=name)
 
 
 def test_memory_is_estimated_before_anything_is_built(tmp_path, monkeypatch):
     huge = "[system]\nbuilder = 'soft_sphere_packing'\nn = 200000\nneighbor_list = false\n"
-    with pytest.raises(study.StudyError, match=r"N = 200000 .*even one system does not fit.*neighbor_list=True"):
+    with pytest.raises(study.StudyError, match=r"N = 200000 particles summed over all pairs .*neighbor_list = true"):
         study.run(huge, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before the folder, let alone the manifest
-    # A member of the test study needs 8 N^2 dim (20 + 4 K) bytes = 24576.
+    # A sample of the test study needs 8 N^2 dim (20 + 4 K) bytes = 24576.
     member = 8 * 8**2 * 2 * (20 + 4 * 1)
-    monkeypatch.setattr(runtime.Runtime, "memory", lambda self: (1.5 * member, 1))
-    with pytest.raises(study.StudyError, match=r"a batch of 2 systems .*set study.chunk_size to at most 1\."):
+    monkeypatch.setattr(runtime.Runtime, "memory", lambda self: (0.9 * member, 1))
+    with pytest.raises(study.StudyError, match=r"N = 8 particles .* more than the 2.06e-05 GiB allowed"):
         study.run(CONFIG, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(runtime.Runtime, "memory", lambda self: (2.0 * member, 1))
+    monkeypatch.setattr(runtime.Runtime, "memory", lambda self: (1.0 * member, 1))
     runtime.check_memory(study.parse_config(CONFIG), runtime.Runtime())  # fits exactly
+    # The width: as many slots of 100 bytes as fit, at most one per sample and MAX_WIDTH.
+    monkeypatch.setattr(runtime.Runtime, "memory", lambda self: (350.0, 1))
+    assert runtime.choose_width(None, 100, 64, runtime.Runtime()) == 3
+    assert runtime.choose_width(None, 100, 2, runtime.Runtime()) == 2
+    assert runtime.choose_width(5, 100, 64, runtime.Runtime()) == 5
+    monkeypatch.setattr(runtime.Runtime, "memory", lambda self: None)
+    assert runtime.choose_width(None, 100, 64, runtime.Runtime()) == runtime.MAX_WIDTH
 
 
 # -- 6. odd --out values and a full disk

@@ -17,11 +17,14 @@ theorem), and every diagnostic of the relaxation and the linear solves
 
 Points whose systems share one energy structure (same builder, N, dim,
 species and parameter shapes; the box and diameters are parameters, so a sweep
-over phi or size ratio is one group) are batched together
-(:mod:`mdsens.study.plan`): one compiled program relaxes a whole chunk,
-sharded over all devices, each member by the loop of :func:`mdsens.relax`
-(:mod:`mdsens.study.kernels`, :mod:`mdsens.study.runtime`). Chunks are written
-atomically as they finish, and a killed study resumes from them
+over phi or size ratio is one group; neighbor-list systems also share their
+box and list capacity) are batched together (:mod:`mdsens.study.plan`):
+every device keeps ``width`` samples in flight, each relaxed by the loop of
+:func:`mdsens.relax`; finished samples leave for their sensitivities and
+queued ones take their slots (:mod:`mdsens.study.kernels`,
+:mod:`mdsens.study.runtime`). A sample's numbers do not depend on the width,
+the devices or the order of completion. Chunks are written atomically once
+all their samples are done, and a killed study resumes from them
 (:mod:`mdsens.study.store`).
 """
 
@@ -29,6 +32,7 @@ from mdsens.study.config import StudyConfig as StudyConfig
 from mdsens.study.config import StudyConfigError as StudyConfigError
 from mdsens.study.config import load_config as load_config
 from mdsens.study.config import parse_config as parse_config
+from mdsens.study.export import export as export
 from mdsens.study.plan import Plan as Plan
 from mdsens.study.runtime import load as load
 from mdsens.study.runtime import run as run

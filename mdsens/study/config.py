@@ -13,13 +13,23 @@ Schema (every section but ``[system]`` is optional)::
     [study]
     description = "free text"
     seeds = 4                 # 4 -> seeds 0, 1, 2, 3; or a list [0, 7, 11]
-    chunk_size = 32           # samples (point x seed) per vmapped batch
-    schedule = "compact"      # or "vmap" (one vmapped while-loop per chunk)
+    chunk_size = 32           # samples (point x seed) per chunk file (resume unit)
+    schedule = "inflight"     # or "vmap" (refill a batch only once all its samples are done)
 
     [system]                  # a builder of mdsens.systems and its arguments
     builder = "soft_sphere_packing"
     n = 32
     diameters = [1.0, 1.4]
+
+    # or your own builder, "package.module:function", called as
+    # function(**arguments, seed=seed) and returning an mdsens.System:
+    # builder = "my_package.systems:packing"   # runs your code, as a script would
+
+    # or a configuration file and the potential to attach (mdsens.io readers):
+    # file = "packing.gsd"      # relative to this file; "packing-{seed}.gsd": one per seed
+    # potential = "soft_spheres"  # soft_spheres, lennard_jones, morse, stillinger_weber
+    # epsilon = 1.0             # the potential's options (see POTENTIALS)
+    # format = "gsd"            # default from the suffix: .gsd, .data/.lmp (LAMMPS), else ASE's guess
 
     [grid]                    # Cartesian product, first key varies slowest
     phi = [0.84, 0.88]
@@ -49,10 +59,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
 import pathlib
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -110,7 +122,42 @@ BUILDER_PARAMS: dict[str, tuple[str, ...]] = {
 # Defaults the study needs to know without calling the builder.
 DEFAULT_DIM = {"kob_andersen": 3, "soft_sphere_packing": 2}
 
-SCHEDULES = ("compact", "vmap")
+# Potentials that a [system] file can be given (mdsens.systems.potentials): their
+# options and the names of their params. tests/test_study_sources.py checks this
+# table against the potentials.
+SILICON_PARAMS = ("epsilon", "sigma", "a", "lambda", "gamma", "cos_theta0", "A", "B", "p", "q")
+POTENTIALS: dict[str, dict[str, str]] = {
+    "soft_spheres": {"epsilon": FLOAT, "alpha": FLOAT, "diameters": FLOATS, "neighbor_list": BOOL},
+    "lennard_jones": {"sigma": FLOAT_OR_MATRIX, "epsilon": FLOAT_OR_MATRIX, "cutoff": FLOAT, "neighbor_list": BOOL},
+    "morse": {
+        "sigma": FLOAT_OR_MATRIX,
+        "epsilon": FLOAT_OR_MATRIX,
+        "alpha": FLOAT,
+        "cutoff": FLOAT,
+        "neighbor_list": BOOL,
+    },
+    "stillinger_weber": dict.fromkeys(SILICON_PARAMS, FLOAT),
+}
+POTENTIAL_PARAMS: dict[str, tuple[str, ...]] = {
+    "soft_spheres": ("diameters", "epsilon", "alpha", "box"),
+    "lennard_jones": ("sigma", "epsilon", "box"),
+    "morse": ("sigma", "epsilon", "alpha", "box"),
+    "stillinger_weber": (*SILICON_PARAMS, "box"),
+}
+# How a [system] file is read; only `file` and `frame` may vary between points.
+STR, STRS = "str", "strs"
+LAMMPS_DATA = "lammps-data"
+FILE_KEYS: dict[str, Any] = {
+    "file": STR,
+    "format": STR,  # "gsd", "lammps-data", or a format name of ASE
+    "frame": INT,
+    "species": STRS,
+    "dim": INT,
+    "atom_style": ("atomic", "sphere"),
+}
+FORMAT_OF_SUFFIX = {".gsd": "gsd", ".data": LAMMPS_DATA, ".lmp": LAMMPS_DATA, ".lammps": LAMMPS_DATA}
+
+SCHEDULES = ("inflight", "vmap")
 RELAX_METHODS = ("fire", "gradient_descent")
 SOLVERS = ("cg", "minres", "bicgstab", "dense")
 ZERO_MODES = ("auto", "none")
@@ -127,7 +174,7 @@ SOLVE_KEYS = {
     "zero_modes": ZERO_MODES,
 }
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "study": {"description": "", "seeds": [0], "chunk_size": 32, "schedule": "compact"},
+    "study": {"description": "", "seeds": [0], "chunk_size": 32, "schedule": "inflight"},
     "relax": {"method": "fire", "fmax": 1e-12, "max_steps": 100_000},
     # Tolerances left out here take the defaults of the solver values (mdsens.CG...).
     "solve": {"solver": "cg", "zero_modes": "auto"},
@@ -227,6 +274,10 @@ def _check_value(source: str, key: str, kind: Any, value: Any) -> Any:
         if len(set(value)) != len(value):
             raise _fail(source, key, f"seeds must be distinct; got {value}.")
         return list(value)
+    if kind == STRS:
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise _fail(source, key, f"expected a non-empty list of names (strings), got {value!r}.")
+        return list(value)
     raise AssertionError(kind)
 
 
@@ -268,8 +319,11 @@ class StudyConfig:
     """A validated study configuration (see the module docstring for the schema).
 
     Attributes:
-        builder: name of the system builder in :mod:`mdsens.systems`.
-        system: the builder arguments shared by all points.
+        builder: name of the system builder in :mod:`mdsens.systems`, your
+            builder's ``"package.module:function"``, or, for a ``[system]``
+            file, the name of its potential (a key of :data:`POTENTIALS`).
+        system: the builder arguments shared by all points (for a file: its
+            reader options and the potential's).
         grid: argument -> list of values (Cartesian product), or None.
         points: explicit list of argument overrides, or None.
         seeds, chunk_size, schedule, description: from ``[study]``.
@@ -277,6 +331,15 @@ class StudyConfig:
         sensitivities: tangent name -> {param name: number or nested list}.
         source: where it was read from (for messages).
         text: the TOML text it was parsed from, if any.
+        origin: where the systems come from: ``"builder"`` (:mod:`mdsens.systems`),
+            ``"python"`` (your builder) or ``"file"``.
+        digests: sha256 of every configuration file (by its name, seeds filled
+            in) or of your builder's module (by its name); part of the
+            canonical form, so that a changed file is detected on resume.
+        kinds: the kind of each argument (:data:`BUILDERS`; inferred from the
+            values for your builder's).
+        root: the folder that relative file names are read from (the
+            configuration file's, else the working directory at parsing).
     """
 
     builder: str
@@ -292,6 +355,10 @@ class StudyConfig:
     sensitivities: dict[str, dict[str, Any]]
     source: str = dataclasses.field(default="", compare=False)
     text: str | None = dataclasses.field(default=None, compare=False)
+    origin: str = "builder"
+    digests: dict[str, str] = dataclasses.field(default_factory=dict)
+    kinds: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    root: pathlib.Path = dataclasses.field(default_factory=pathlib.Path.cwd, compare=False)
 
     def point_args(self) -> list[dict[str, Any]]:
         """Builder arguments of every point (``[system]`` overlaid with the grid
@@ -315,7 +382,8 @@ class StudyConfig:
 
     @property
     def dim(self) -> int:
-        """The spatial dimension of every point (the builder's default if not given)."""
+        """The spatial dimension of every point (the builder's default if not
+        given; 3 for a file or your builder that does not say)."""
         return self.point_args()[0].get("dim", DEFAULT_DIM.get(self.builder, 3))
 
     def canonical(self) -> dict[str, Any]:
@@ -331,6 +399,10 @@ class StudyConfig:
             "relax": dict(self.relax),
             "solve": dict(self.solve),
         }
+        if self.origin == "file":
+            data["system"]["potential"] = self.builder
+        if self.digests:
+            data["system"]["sha256"] = dict(self.digests)
         if self.grid:
             data["grid"] = {k: list(v) for k, v in self.grid.items()}
         if self.points:
@@ -345,23 +417,173 @@ class StudyConfig:
     def digest(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
+    def file_path(self, name: str, seed: int) -> pathlib.Path:
+        """The configuration file ``name`` (a point's ``file``) of one seed:
+        ``{seed}`` replaced by the seed, relative to :attr:`root`."""
+        return self.root / name.format(seed=seed)
 
-def _check_point_name(source: str, key: str, name: str, builder: str) -> None:
+    def file_format(self, name: str) -> str:
+        """How the file ``name`` is read: ``[system] format``, else from its
+        suffix (``"gsd"``, ``"lammps-data"``), else ``""`` (ASE guesses)."""
+        return file_format(name, self.system.get("format", ""))
+
+
+def file_format(name: str, given: str = "") -> str:
+    """``given``, else the format of the file ``name`` by its suffix (``""``: ASE guesses)."""
+    return given or FORMAT_OF_SUFFIX.get(pathlib.PurePath(name).suffix.lower(), "")
+
+
+def sha256_of(path: str | pathlib.Path) -> str:
+    """The sha256 of a file's bytes (hex)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _check_point_name(source: str, key: str, name: str, kinds: dict[str, Any] | None) -> None:
+    """``kinds``: the arguments that may vary (None: any, your builder's)."""
     if name == "seed":
         raise _fail(source, key, "seeds are set by study.seeds, not per point.")
-    if name == "builder":
-        raise _fail(source, key, "the builder cannot vary within a study; run one study per builder.")
-    if name not in BUILDERS[builder]:
-        raise _unknown(source, key, BUILDERS[builder])
+    if name in ("builder", "potential"):
+        raise _fail(source, key, f"the {name} cannot vary within a study; run one study per {name}.")
+    if kinds is not None and name not in kinds:
+        raise _unknown(source, key, kinds)
 
 
-def _point_override(source: str, key: str, name: str, value: Any, builder: str) -> Any:
-    _check_point_name(source, key, name, builder)
-    return _check_value(source, key, BUILDERS[builder][name], value)
+def _kind_of(source: str, key: str, value: Any) -> str:
+    """The kind of an argument of your builder, from its value."""
+    if isinstance(value, bool):
+        return BOOL
+    kind = {int: INT, float: FLOAT, str: STR}.get(type(value))
+    if kind:
+        return kind
+    if isinstance(value, list) and value and all(isinstance(row, list) for row in value):
+        return FLOAT_OR_MATRIX
+    if isinstance(value, list):
+        return FLOATS
+    raise _fail(
+        source,
+        key,
+        "the arguments of a Python builder are numbers, booleans, strings, lists of numbers or square "
+        f"matrices; got {_type_name(value)} ({value!r}).",
+    )
 
 
-def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig:
-    """Validate a study configuration given as TOML text or as a dict."""
+def _argument(source: str, key: str, value: Any, kind: Any) -> Any:
+    """An argument validated as of ``kind`` (None: of the kind of its value)."""
+    return _check_value(source, key, _kind_of(source, key, value) if kind is None else kind, value)
+
+
+def _point_override(source: str, key: str, name: str, value: Any, kinds: dict[str, Any] | None) -> Any:
+    _check_point_name(source, key, name, kinds)
+    return _argument(source, key, value, None if kinds is None else kinds[name])
+
+
+_BUILDER_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*\Z")
+
+
+def _system_origin(source: str, system: dict[str, Any]) -> tuple[str, str, dict[str, Any] | None]:
+    """``(builder, origin, kinds)`` of a ``[system]`` table (``builder`` and
+    ``potential`` taken out of it); ``kinds``: its arguments' (None: your builder's)."""
+    if "file" in system or "potential" in system:
+        potential = system.pop("potential", None)
+        # The canonical form names the potential as the builder too.
+        if "builder" in system and system.pop("builder") != potential:
+            raise _fail(source, "system.builder", "give a builder, or a file and its potential, not both.")
+        if potential not in POTENTIALS:
+            what = "missing" if potential is None else f"unknown potential {potential!r}"
+            raise _fail(source, "system.potential", f"{what}: the potential to attach; one of {', '.join(POTENTIALS)}.")
+        return potential, "file", {**FILE_KEYS, **POTENTIALS[potential]}
+    builders = f"one of {', '.join(BUILDERS)}, or your own as 'package.module:function'"
+    if "builder" not in system:
+        raise _fail(source, "system.builder", f"missing; {builders} (or give a file and its potential).")
+    builder = system.pop("builder")
+    if isinstance(builder, str) and ":" in builder:
+        if not _BUILDER_PATH.match(builder):
+            raise _fail(source, "system.builder", f"{builder!r} is not of the form 'package.module:function'.")
+        return builder, "python", None
+    if builder not in BUILDERS:
+        raise _fail(source, "system.builder", f"unknown builder {builder!r}; {builders}.")
+    return builder, "builder", BUILDERS[builder]
+
+
+def _module_digest(source: str, builder: str) -> dict[str, str]:
+    """``{module: sha256 of its file}`` of your builder ``"module:function"``.
+    Finding the module imports its parent packages (your code runs)."""
+    module = builder.partition(":")[0]
+    key = "system.builder"
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError as error:
+        raise _fail(source, key, f"cannot find module {module!r} ({error}); is it on the Python path?") from None
+    except Exception as error:  # a parent package's own code failed
+        raise _fail(
+            source, key, f"importing the packages of {module!r} failed: {type(error).__name__}: {error}"
+        ) from error
+    if spec is None:
+        raise _fail(source, key, f"no module {module!r} on the Python path (sys.path, PYTHONPATH).")
+    if not spec.origin or not pathlib.Path(spec.origin).is_file():
+        raise _fail(source, key, f"module {module!r} has no file ({spec.origin}) whose sha256 could be recorded.")
+    return {module: sha256_of(spec.origin)}
+
+
+def _file_digests(source: str, root: pathlib.Path, files: list[tuple[str, str]], seeds: list[int]) -> dict[str, str]:
+    """``{file name: sha256}`` of every (key, file name) for every seed."""
+    digests = {}
+    for key, name in files:
+        if "{seed}" not in name and len(seeds) > 1:
+            raise _fail(
+                source,
+                "study.seeds",
+                f"the file {name!r} is one configuration, which every seed would repeat: give one seed, or "
+                "one file per seed with {seed} in its name (e.g. 'packing-{seed}.gsd').",
+            )
+        for seed in seeds:
+            try:
+                seeded = name.format(seed=seed)
+            except (KeyError, IndexError, ValueError):
+                raise _fail(source, key, f"{name!r}: only {{seed}} may appear in braces.") from None
+            path = root / seeded
+            try:
+                digests[seeded] = sha256_of(path)
+            except OSError as error:
+                raise _fail(source, key, f"cannot read the configuration file {path} ({error.strerror}).") from None
+    return digests
+
+
+def _check_recorded(source: str, recorded: Any, digests: Mapping[str, str]) -> None:
+    """``[system] sha256`` (as the canonical form records it), if given, must
+    name the files (or module) of the study and match their bytes."""
+    recorded = _check_table(source, "system.sha256", recorded)
+    for name in sorted(set(recorded) | set(digests)):
+        key = f"system.sha256.{name}"
+        if name not in digests:
+            raise _fail(source, key, f"names no file (or module) of this study; its files: {', '.join(digests)}.")
+        if name not in recorded:
+            raise _fail(source, "system.sha256", f"records no sha256 of {name!r}.")
+        if recorded[name] != digests[name]:
+            raise _fail(
+                source, key, f"{name} changed: its sha256 is {digests[name]}, not the recorded {recorded[name]}."
+            )
+
+
+def _check_file_options(source: str, system: Mapping[str, Any], files: list[tuple[str, str]]) -> None:
+    """Reader options that the files' formats take."""
+    formats = {file_format(name, system.get("format", "")) for _, name in files}
+    if "atom_style" in system and formats != {LAMMPS_DATA}:
+        raise _fail(source, "system.atom_style", "applies to LAMMPS data files only.")
+    for name in ("frame", "species"):
+        if name in system and LAMMPS_DATA in formats:
+            raise _fail(source, f"system.{name}", "does not apply to LAMMPS data files (one frame, types 1, 2...).")
+    if "dim" in system and system["dim"] not in (2, 3):
+        raise _fail(source, "system.dim", f"must be 2 or 3; got {system['dim']}.")
+
+
+def parse_config(
+    data: str | Mapping[str, Any], source: str = "", root: str | pathlib.Path | None = None
+) -> StudyConfig:
+    """Validate a study configuration given as TOML text or as a dict; a
+    ``[system]`` file is read from ``root`` (default: the working directory)
+    to record its sha256."""
     text = None
     if isinstance(data, str):
         text = data
@@ -375,18 +597,16 @@ def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig
             raise _unknown(source, section, SECTIONS)
 
     system = dict(_check_table(source, "system", data.get("system", {})))
-    if "builder" not in system:
-        raise _fail(source, "system.builder", f"missing; one of {', '.join(BUILDERS)}.")
-    builder = system.pop("builder")
-    if builder not in BUILDERS:
-        raise _fail(source, "system.builder", f"unknown builder {builder!r}; one of {', '.join(BUILDERS)}.")
-    kinds = BUILDERS[builder]
+    recorded = system.pop("sha256", None)
+    builder, origin, kinds = _system_origin(source, system)
     for name, value in list(system.items()):
         if name == "seed":
             raise _fail(source, "system.seed", "seeds are set by study.seeds.")
-        if name not in kinds:
+        if kinds is not None and name not in kinds:
             raise _unknown(source, f"system.{name}", kinds)
-        system[name] = _check_value(source, f"system.{name}", kinds[name], value)
+        system[name] = _argument(source, f"system.{name}", value, None if kinds is None else kinds[name])
+    # What may vary between points: a file's name and frame and its potential's options.
+    varying = {"file": STR, "frame": INT, **POTENTIALS[builder]} if origin == "file" else kinds
 
     grid = points = None
     if "grid" in data and "points" in data:
@@ -398,12 +618,12 @@ def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig
         grid = {}
         for name, values in table.items():
             key = f"grid.{name}"
-            _check_point_name(source, key, name, builder)
+            _check_point_name(source, key, name, varying)
             if not isinstance(values, list):
                 raise _fail(source, key, f"expected a list of values, got {_type_name(values)} ({values!r}).")
             if not values:
                 raise _fail(source, key, "is an empty list: the grid would have no points.")
-            grid[name] = [_point_override(source, f"{key}[{i}]", name, v, builder) for i, v in enumerate(values)]
+            grid[name] = [_point_override(source, f"{key}[{i}]", name, v, varying) for i, v in enumerate(values)]
     if "points" in data:
         listed = data["points"]
         if not isinstance(listed, list):
@@ -415,7 +635,7 @@ def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig
             point = _check_table(source, f"points[{i}]", point)
             points.append(
                 {
-                    name: _point_override(source, f"points[{i}].{name}", name, value, builder)
+                    name: _point_override(source, f"points[{i}].{name}", name, value, varying)
                     for name, value in point.items()
                 }
             )
@@ -427,11 +647,17 @@ def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig
         for i, point in enumerate(points or []):
             for name, value in point.items():
                 varied.setdefault(name, (f"points[{i}].{name}", []))[1].append(value)
-    if "n" not in system and "n" not in varied:
+    if origin == "builder" and "n" not in system and "n" not in varied:
         raise _fail(source, "system.n", f"missing: {builder} needs the number of particles n.")
-    if points and "n" not in system and any("n" not in p for p in points):
+    if origin == "builder" and points and "n" not in system and any("n" not in p for p in points):
         i = next(i for i, p in enumerate(points) if "n" not in p)
         raise _fail(source, f"points[{i}].n", "missing (and no n in [system]).")
+    if origin == "file" and "file" not in system and not (grid and "file" in grid):
+        missing = [f"points[{i}].file" for i, p in enumerate(points or []) if "file" not in p]
+        if missing or not points:
+            raise _fail(source, (missing or ["system.file"])[0], "missing: the configuration file to read.")
+    if origin == "python":
+        kinds = _python_kinds(source, system, varied)
     base_dim = system.get("dim", DEFAULT_DIM.get(builder, 3))
     dims = set(grid["dim"]) if grid and "dim" in grid else {p.get("dim", base_dim) for p in points or [{}]}
     if len(dims) > 1:
@@ -445,21 +671,37 @@ def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig
     if "max_iter" in solve and solve["solver"] == "dense":
         raise _fail(source, "solve.max_iter", "does not apply to solver = 'dense'.")
 
+    digests = {}
+    root = pathlib.Path.cwd() if root is None else pathlib.Path(root)
+    if origin == "file":
+        files = [("system.file", system["file"])] if "file" in system else []
+        files += [(f"grid.file[{i}]", name) for i, name in enumerate((grid or {}).get("file", []))]
+        files += [(f"points[{i}].file", p["file"]) for i, p in enumerate(points or []) if "file" in p]
+        _check_file_options(source, system, files)
+        digests = _file_digests(source, root, files, study["seeds"])
+    if origin == "python":
+        digests = _module_digest(source, builder)
+    if recorded is not None:
+        _check_recorded(source, recorded, digests)
+
     sensitivities = {}
     table = _check_table(source, "sensitivities", data.get("sensitivities", {}))
-    allowed = BUILDER_PARAMS[builder]
+    # Your builder's params are known once it has built a system (mdsens.study.sources checks them then).
+    allowed = {"builder": BUILDER_PARAMS, "file": POTENTIAL_PARAMS}.get(origin, {}).get(builder)
     for name, tangent in table.items():
         key = f"sensitivities.{name}"
         tangent = _check_table(source, key, tangent)
         if not tangent:
-            raise _fail(source, key, f"is empty: give the tangent of at least one of {', '.join(allowed)}.")
+            raise _fail(
+                source, key, f"is empty: give the tangent of at least one of {', '.join(allowed or ['its params'])}."
+            )
         entries = {}
         for param, value in tangent.items():
-            if param not in allowed:
+            if allowed is not None and param not in allowed:
                 raise _fail(
                     source,
                     f"{key}.{param}",
-                    f"{builder} has no parameter {param!r}; its params are {', '.join(allowed)}.",
+                    f"{builder} has no parameter {param!r}; its params are {', '.join(allowed or [])}.",
                 )
             entries[param] = _tangent_value(source, f"{key}.{param}", value)
         sensitivities[name] = entries
@@ -478,7 +720,27 @@ def parse_config(data: str | Mapping[str, Any], source: str = "") -> StudyConfig
         sensitivities=sensitivities,
         source=source,
         text=text,
+        origin=origin,
+        digests=digests,
+        kinds=kinds or {},
+        root=root,
     )
+
+
+def _python_kinds(
+    source: str, system: Mapping[str, Any], varied: Mapping[str, tuple[str, list[Any]]]
+) -> dict[str, Any]:
+    """The kinds of your builder's arguments, one per argument: integers and
+    numbers make numbers, other kinds may not mix."""
+    kinds = {name: _kind_of(source, f"system.{name}", value) for name, value in system.items()}
+    for name, (key, values) in varied.items():
+        found = {_kind_of(source, key, value) for value in values} | ({kinds[name]} if name in kinds else set())
+        if found == {INT, FLOAT}:
+            found = {FLOAT}
+        if len(found) > 1:
+            raise _fail(source, key, f"the values of one argument must be of one kind; got {sorted(found)}.")
+        kinds[name] = found.pop()
+    return kinds
 
 
 def load_config(path: str | pathlib.Path) -> StudyConfig:
@@ -488,7 +750,7 @@ def load_config(path: str | pathlib.Path) -> StudyConfig:
         text = path.read_text()
     except OSError as error:
         raise StudyConfigError(f"{path}: cannot read the configuration ({error.strerror}).") from None
-    return parse_config(text, source=str(path))
+    return parse_config(text, source=str(path), root=path.absolute().parent)
 
 
 def diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -1,26 +1,38 @@
-"""The compiled, sharded functions that relax and differentiate one group's chunks.
+"""The compiled, sharded functions of in-flight batching: a batch of fixed
+width runs the minimiser, finished members leave and queued samples enter.
 
 Each is ``jit(shard_map(...))`` over a 1-D mesh ``("batch",)`` of all devices:
-every device works on its slice of a chunk, with no communication. Per device,
-a slice of ``b`` members is a buffer of minimiser states driven by the one
-relaxation loop of :mod:`mdsens.relaxation` (``start``, ``iterate``,
-``outcome``), so every member takes the steps of a single :func:`mdsens.relax`
-and stops by the same rule:
+every device works on its own ``width`` slots, with no communication. A slot
+holds one sample's minimiser state, driven by the one relaxation loop of
+:mod:`mdsens.relaxation` (``start``, ``iterate``, ``outcome``), so every
+sample takes the steps of a single :func:`mdsens.relax` and stops by the same
+rule:
 
-- ``init`` starts every member;
-- ``stage(size)`` gathers up to ``size`` unfinished members and iterates them,
-  vmapped, in rounds of at most :data:`ROUND_STEPS` steps each until at most
-  ``threshold`` of them are unfinished, then scatters them back;
-- ``post`` ends every relaxation and computes the sensitivities
-  (:func:`mdsens.sensitivity_at`), the relaxed-energy gradients
-  (:func:`mdsens.energy_sensitivity`) and the zero modes, as the record of
-  :mod:`mdsens.study.schema`.
+- ``advance(steps)`` iterates every running slot for at most ``steps`` steps
+  and says which still run;
+- ``refill`` starts queued samples in the slots the host marks (a masked merge
+  of freshly started states);
+- ``post`` ends the relaxations of the slots the host lists, in a batch of
+  their own, and computes the sensitivities (:func:`mdsens.sensitivity_at`),
+  the relaxed-energy gradients (:func:`mdsens.energy_sensitivity`), the zero
+  modes and the physics, as the record of :mod:`mdsens.study.schema`.
+
+The slots of a device run one after another (``lax.map``, an empty slot costs
+nothing), and so do a sample's sensitivity solves, not vectorised: XLA's
+vectorised reductions round differently depending on a member's position in
+the batch, the batch size and the number of devices, while one member's
+program is the same whatever its neighbours. So every sample's numbers are
+the same bit for bit whatever the width and the order in which samples
+finish. (Partitioned over several devices, XLA compiles the programs a little
+differently: the relaxations and sensitivities were still the same bit for
+bit in the tests, the physics to the last bit.) Every width compiles each
+function once.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,28 +47,27 @@ from mdsens.study import schema
 from mdsens.study.plan import Group, Plan
 from mdsens.systems import FunctionEnergy, System
 
-#: Steps between two counts of the unfinished members of a stage: a stage ends
-#: at most this many steps after the count first allows it.
-ROUND_STEPS = 8
-
 
 class Kernels:
     """The compiled functions of one energy structure and adjoint."""
 
     def __init__(self, system: System, adjoint: Implicit, mesh: Mesh):
-        # The plan batches plain energies only: one trace of the (jax-md)
-        # energy, jitted, serves every transformation of it.
-        self.system = system.replace(energy=FunctionEnergy(jax.jit(system.energy)))
+        if not system.neighbor_list:
+            # One trace of the (jax-md) all-pairs energy, jitted, serves every
+            # transformation of it. A neighbor-list energy is used as it is:
+            # its list is the minimiser state's aux.
+            system = system.replace(energy=FunctionEnergy(jax.jit(system.energy)))
+        self.system = system
         self.adjoint = adjoint
         self.mesh = mesh
-        self._stages: dict[int, Callable] = {}
-        self.init = self._sharded(self._local_init, n_batched=3)
-        self.post = self._sharded(self._local_post, n_batched=3)
+        self.advance = self._sharded(self._local_advance, n_batched=3, donate=(0,))
+        self.refill = self._sharded(self._local_refill, n_batched=6, donate=(0,))
+        self.post = self._sharded(self._local_post, n_batched=4)
 
     def _sharded(self, fn: Callable, n_batched: int, donate: tuple[int, ...] = ()) -> Callable:
         """jit(shard_map(fn)): the first ``n_batched`` arguments are split over
-        the batch axis, the others (minimiser, tangents) replicated; every output
-        is split over the batch axis."""
+        the batch axis, the others (minimiser, steps, tangents) replicated; every
+        output is split over the batch axis."""
 
         def wrapped(*args):
             specs = (P("batch"),) * n_batched + (P(),) * (len(args) - n_batched)
@@ -64,46 +75,36 @@ class Kernels:
 
         return jax.jit(wrapped, donate_argnums=donate)
 
-    def stage(self, size: int) -> Callable:
-        """``(state, params, active, minimiser, threshold) -> (state, active,
-        unfinished count, slot steps)`` for stages of ``size`` members."""
-        if size not in self._stages:
-            local = functools.partial(self._local_stage, size=size)
-            self._stages[size] = self._sharded(local, n_batched=3, donate=(0, 2))
-        return self._stages[size]
-
-    # -- per device
-    def _local_init(self, positions, params, valid, minimiser):
+    # -- per device: ``width`` slots, one after another
+    def _local_advance(self, state, params, running, minimiser, steps):
         energy = self.system.energy
-        state = jax.vmap(lambda x, p: start(energy, minimiser, x, p, energy.build(x, p)))(positions, params)
-        return state, valid, jnp.sum(valid, dtype=jnp.int32)[None]
 
-    def _local_stage(self, state, params, active, minimiser, threshold, *, size):
-        b = active.shape[0]
-        index = jnp.nonzero(active, size=size, fill_value=b)[0]
-        taken = index < b
-        sub, sub_params = jax.tree.map(lambda a: a[jnp.where(taken, index, 0)], (state, params))
-        relax = jax.vmap(lambda s, p, limit: iterate(self.system.energy, minimiser, p, s, stop_at=limit))
+        def one(slot):
+            s, p, go = slot
+            new = iterate(energy, minimiser, p, s, stop_at=jnp.where(go, s.step + steps, s.step))
+            still = go & ~minimiser.terminate(new) & energy.valid(new.aux)
+            return new, still
 
-        def run_round(carry):
-            s, going, slot_steps = carry
-            limit = s.step + jnp.where(going, ROUND_STEPS, 0)
-            new = relax(s, sub_params, limit)
-            # A member that stopped short of its limit stopped by the loop's own rule.
-            return new, going & (new.step == limit), slot_steps + jnp.max(new.step - s.step)
+        state, running = jax.lax.map(one, (state, params, running))
+        return state, running
 
-        sub, going, slot_steps = jax.lax.while_loop(
-            lambda carry: jnp.sum(carry[1]) > threshold, run_round, (sub, taken, jnp.zeros((), jnp.int32))
-        )
-        state = jax.tree.map(lambda a, u: a.at[index].set(u, mode="drop"), state, sub)
-        active = active.at[index].set(going, mode="drop")
-        return state, active, jnp.sum(active, dtype=jnp.int32)[None], slot_steps[None]
+    def _local_refill(self, state, params, running, positions, fresh_params, take, minimiser):
+        energy = self.system.energy
 
-    def _local_post(self, state, params, valid, minimiser, tangents):
+        def one(slot):
+            s, x, p, enter = slot
+            fresh = lambda: start(energy, minimiser, x, p, energy.build(x, p))  # noqa: E731
+            return jax.lax.cond(enter, fresh, lambda: s)
+
+        state = jax.lax.map(one, (state, positions, fresh_params, take))
+        params = jax.tree.map(lambda new, old: jnp.where(_rows(take, new), new, old), fresh_params, params)
+        return state, params, running | take
+
+    def _local_post(self, state, params, index, valid, minimiser, tangents):
         system, adjoint = self.system, self.adjoint
         n_tangents = jax.tree.leaves(tangents)[0].shape[0]
 
-        def one(s, p, is_valid):
+        def record(s, p):
             result, aux = outcome(system.energy, minimiser, p, s)
             x = result.positions
             grads = energy_sensitivity(system, x, p)
@@ -111,9 +112,7 @@ class Kernels:
             state = physics(system, x, p)
             if not n_tangents:
                 return schema.sample_record(result, n_zero_modes, grads, p, physics=state)
-            # Padding members get a zero tangent: their solves stop at once.
-            scaled = jax.tree.map(lambda t: t * is_valid, tangents)
-            dx, info = jax.vmap(lambda t: sensitivity_at(system, x, p, t, adjoint=adjoint))(scaled)
+            dx, info = jax.lax.map(lambda t: sensitivity_at(system, x, p, t, adjoint=adjoint), tangents)
             de = sum(jnp.tensordot(tangents[name], grads[name], axes=grads[name].ndim) for name in grads)
             return schema.sample_record(
                 result,
@@ -126,7 +125,20 @@ class Kernels:
                 physics=state,
             )
 
-        return jax.vmap(one)(state, params, valid)
+        gathered = jax.tree.map(lambda a: a[index], (state, params))
+        shapes = jax.eval_shape(record, *jax.tree.map(lambda a: a[0], gathered))
+        empty = lambda: jax.tree.map(lambda shape: jnp.zeros(shape.shape, shape.dtype), shapes)  # noqa: E731
+
+        def one(member):
+            (s, p), take = member
+            return jax.lax.cond(take, lambda: record(s, p), empty)
+
+        return jax.lax.map(one, (gathered, valid))
+
+
+def _rows(mask: jax.Array, like: jax.Array) -> jax.Array:
+    """``mask`` (one entry per slot) broadcast against a batched array."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
 
 
 def physics(system: System, x: jax.Array, params: dict) -> dict[str, jax.Array]:
@@ -159,7 +171,7 @@ def kernels(plan: Plan, group: Group, mesh: Mesh) -> Kernels:
     (e.g. from a notebook) when the energy structure and adjoint agree: the
     energy of an earlier, structurally equal system computes the same. The
     minimiser is an argument, so other tolerances compile nothing new."""
-    key = (plan.config.builder, group.structure, plan.adjoint, mesh)
+    key: tuple[Any, ...] = (plan.config.builder, group.structure, plan.adjoint, mesh)
     if key not in _KERNELS:
         while len(_KERNELS) >= 16:
             _KERNELS.pop(next(iter(_KERNELS)))

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from mdsens import systems
 from mdsens.adjoints import Implicit
 from mdsens.linear_solve import CG, MINRES, BiCGSTAB, Dense
 from mdsens.minimisers import FIRE, GradientDescent, Minimiser
+from mdsens.neighbors import NeighborListEnergy, Neighbors
 from mdsens.relaxation import check_minimiser
 from mdsens.study.config import StudyConfig, StudyConfigError, as_config
+from mdsens.study.sources import build_system
 from mdsens.study.store import StudyError
 from mdsens.systems import System
 
@@ -37,6 +38,7 @@ class Group:
     param_shapes: dict[str, tuple[int, ...]]
     tangents: dict[str, np.ndarray]  # param name -> (K, *shape) tangents of the named sensitivities
     structure: tuple = ()
+    capacity: tuple[int, int] | None = None  # neighbor lists: pairs and particles per cell of every sample
 
     @property
     def n(self) -> int:
@@ -83,13 +85,6 @@ class Plan:
         for i, args in enumerate(point_args):
             key = _point_key(config, i, args)
             system = build_system(config, args, config.seeds[0], key)
-            if system.neighbor_list:
-                raise _fail(
-                    config,
-                    key,
-                    "this system sums its energy over a neighbor list, which studies do not batch yet; "
-                    "set neighbor_list = false in [system] (all pairs, O(N^2)) or use fewer particles.",
-                )
             systems_built[i * n_seeds] = system
             structure = _structure(config, args, system)
             if structure not in by_structure:
@@ -109,6 +104,12 @@ class Plan:
             group = groups[by_structure[structure]]
             group.points.append(i)
             point_group[i] = group.index
+
+        for index, group in enumerate(groups):
+            if group.system.neighbor_list:  # one list capacity, the largest of the points' lists
+                lists = [_list_template(systems_built[p * n_seeds])[1] for p in group.points]
+                capacity = max(t.capacity for t in lists), max(t.pairs.cell_list_capacity for t in lists)
+                groups[index] = group = with_capacity(group, *capacity)
 
         # The sharing is checked, not assumed: the last point of each group must get
         # the same energy from the group's energy function as from its own.
@@ -154,14 +155,6 @@ def _fail(config: StudyConfig, key: str, message: str) -> StudyConfigError:
     return StudyConfigError(f"{where}{key}: {message}")
 
 
-def build_system(config: StudyConfig, args: Mapping[str, Any], seed: int, key: str = "system") -> System:
-    """The System of one sample; a builder's ValueError becomes a StudyConfigError naming the point."""
-    try:
-        return getattr(systems, config.builder)(**args, seed=seed)
-    except (ValueError, TypeError) as error:
-        raise _fail(config, key, f"{config.builder} rejected its arguments: {error}") from None
-
-
 def minimiser(config: StudyConfig) -> Minimiser:
     """The minimiser of ``[relax]`` (``dt_max`` None: each system's own)."""
     options = dict(config.relax)
@@ -190,7 +183,34 @@ def _structure(config: StudyConfig, args: Mapping[str, Any], system: Any) -> tup
     extra: tuple = ()
     if config.builder in ("lennard_jones", "morse"):
         extra = (args.get("cutoff"), float(np.max(np.asarray(system.params["sigma"]))))
+    if system.neighbor_list:  # a list is built for one box and cutoff
+        template = _list_template(system)[1]
+        extra += (template.box, template.cutoff)
     return (system.positions.shape, np.asarray(system.species).tobytes(), shapes, extra)
+
+
+def _list_template(system: System) -> tuple[NeighborListEnergy, Neighbors]:
+    """A neighbor-list system's energy and the list its calls build."""
+    energy = system.energy
+    if not isinstance(energy, NeighborListEnergy) or energy.template is None:
+        raise StudyError(f"internal error: {energy!r} is not a neighbor-list energy")
+    return energy, energy.template
+
+
+def with_capacity(group: Group, pairs: int, cell: int) -> Group:
+    """A group of neighbor-list systems whose samples all run with lists of
+    ``pairs`` pairs and ``cell`` particles per cell. The capacity sets the
+    order of the pairs, hence the rounding of every sum over them: it is
+    chosen from the plan alone (the first seeds' lists) so that a sample's
+    numbers do not depend on its batch. A sample that overflows it is run
+    again, from its start, with a larger one (:mod:`mdsens.study.runtime`)."""
+    energy, template = _list_template(group.system)
+    template = dataclasses.replace(
+        template, pairs=dataclasses.replace(template.pairs, cell_list_capacity=cell, max_occupancy=pairs)
+    )
+    system = group.system.replace(energy=dataclasses.replace(energy, template=template))
+    structure = (*group.structure, pairs, cell)
+    return dataclasses.replace(group, system=system, structure=structure, capacity=(pairs, cell))
 
 
 def _tangents(config: StudyConfig, group_params: Mapping[str, Any], key_of_group: str) -> dict[str, np.ndarray]:
@@ -225,18 +245,13 @@ def build_sample(plan: Plan, sample: int) -> System:
     return build_system(config, args, config.seeds[seed_position], _point_key(config, point, args))
 
 
-def chunk_inputs(plan: Plan, chunk: Chunk, batch: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-    """Host arrays of one chunk: positions, params and which members are samples,
-    padded to ``batch`` members with copies of the first."""
-    group = plan.groups[chunk.group]
+def sample_inputs(plan: Plan, group: Group, samples: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Host arrays of the given samples of a group: positions and params, stacked."""
     positions, params = [], []
-    for sample in chunk.samples:
+    for sample in samples:
         system = build_sample(plan, int(sample))
         if system.positions.shape != group.system.positions.shape:
             raise StudyError(f"internal error: sample {sample} does not have its group's shape")
         positions.append(np.asarray(system.positions))
         params.append({k: np.asarray(v) for k, v in system.params.items()})
-    valid = np.arange(batch) < len(positions)
-    positions += [positions[0]] * (batch - len(positions))
-    params += [params[0]] * (batch - len(params))
-    return np.stack(positions), {k: np.stack([p[k] for p in params]) for k in params[0]}, valid
+    return np.stack(positions), {k: np.stack([p[k] for p in params]) for k in params[0]}

@@ -194,7 +194,10 @@ class Layout:
         groups = []
         for group in plan.groups:
             args = plan.point_args[group.points[0]]
-            per_particle = bool(args.get("per_particle_diameters", False))
+            # One diameter per particle: per_particle_diameters of mdsens's builders; a file's, or your builder's, if N.
+            per_particle = bool(args.get("per_particle_diameters", False)) or (
+                config.origin != "builder" and np.shape(group.system.params.get("diameters", ()))[:1] == (group.n,)
+            )
             groups.append(
                 {
                     "n": group.n,
@@ -211,7 +214,7 @@ class Layout:
                     if dim_name.startswith("species"):
                         n_species = max(n_species, size)
         coords = {}
-        kinds = sc.BUILDERS[config.builder]
+        kinds = config.kinds
         for name in config.varied:
             values = [args.get(name) for args in plan.point_args]
             kind = kinds[name]
