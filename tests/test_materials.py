@@ -104,8 +104,11 @@ def vacancy() -> tuple[systems.System, systems.System, defects.VacancyFormation]
 def test_vacancy_formation_energy(vacancy) -> None:
     _, _, formation = vacancy
     assert formation.unrelaxed_energy == pytest.approx(2 * SILICON["epsilon"], rel=1e-8)
-    # The published relaxed value, within 1% in this 64-site cell (smaller in larger cells: the script).
-    assert formation.energy == pytest.approx(SW_VACANCY_FORMATION_ENERGY["energy"], rel=0.01)
+    # The published relaxed value, scaled from its epsilon to this one (2.64 eV), is the
+    # infinite-cell limit; this 64-site cell is above it by a finite-size error that
+    # falls as 1/N (2.836 eV here; the script extrapolates 2.644 eV from 216 and 512 sites).
+    published = SW_VACANCY_FORMATION_ENERGY["energy"] * SILICON["epsilon"] / SW_VACANCY_FORMATION_ENERGY["epsilon"]
+    assert published < formation.energy < published + 0.25
     # The relaxed vacancy is tetrahedral: its four neighbours equally far from the site, pulled in.
     d = np.asarray(formation.result.positions)[formation.neighbors] - np.asarray(formation.site)
     side = 2 * 5.431

@@ -1,6 +1,8 @@
 """Every notebook runs top to bottom at small size (MDSENS_NOTEBOOK_SMALL=1) and
 produces the numbers its figure claims. Each notebook's last cell prints its
-summary as JSON; the checks below are on those numbers.
+summary as JSON; the checks below are on those numbers, which must also be
+those recorded by the figure's script at small size
+(``notebooks/figures/small/<module>.json``, see tests/test_figures.py).
 
 The notebooks share one kernel (cwd: notebooks/), so that JAX, jax-md and
 mdsens are imported once; each notebook starts from an empty namespace
@@ -18,6 +20,8 @@ import pytest
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+from mdsens.figures import records
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 
 
@@ -29,8 +33,9 @@ def kernel():
     manager.shutdown_kernel(now=True)
 
 
-def execute(name: str, out: pathlib.Path, kernel: KernelManager) -> dict:
-    """Run a notebook in the shared kernel, figures to ``out``; return its printed summary."""
+def execute(name: str, out: pathlib.Path, kernel: KernelManager, module: str | None = None) -> dict:
+    """Run a notebook in the shared kernel, figures to ``out``; return its printed
+    summary, checked against the small record of the figure ``module`` if given."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     isolate = f"%reset -f\nimport os\nos.environ['MDSENS_NOTEBOOK_OUT'] = {str(out)!r}"
     notebook.cells.insert(0, nbformat.v4.new_code_cell(isolate))
@@ -39,6 +44,9 @@ def execute(name: str, out: pathlib.Path, kernel: KernelManager) -> dict:
     summary = json.loads(printed)
     for figure in summary["figures"]:
         assert pathlib.Path(figure).parent == out and pathlib.Path(figure).stat().st_size > 10_000
+    if module is not None:
+        record = NOTEBOOKS / "figures" / "small" / f"{module}.json"
+        assert records.differences(records.read(record)["summary"], summary) == [], f"{name}: numbers not as recorded"
     return summary
 
 
@@ -57,7 +65,7 @@ def test_notebook_imports_the_package(path: pathlib.Path) -> None:
 
 @pytest.mark.notebook
 def test_sensitivity_notebook(tmp_path, kernel) -> None:
-    s = execute("01_sensitivity.ipynb", tmp_path, kernel)
+    s = execute("01_sensitivity.ipynb", tmp_path, kernel, "sensitivity")
     assert s["relax"]["converged"] and s["relax"]["fmax"] <= 1e-12
     assert s["reference_max_abs"] > 0.1  # a field worth drawing
     error = s["max_abs_error"]
@@ -70,7 +78,7 @@ def test_sensitivity_notebook(tmp_path, kernel) -> None:
 
 @pytest.mark.notebook
 def test_precision_notebook(tmp_path, kernel) -> None:
-    s = execute("02_jacobian_precision.ipynb", tmp_path, kernel)
+    s = execute("02_jacobian_precision.ipynb", tmp_path, kernel, "precision")
     rows = s["rows"]
     assert rows[-1]["steps"] == s["converged_steps"] and rows[-1]["implicit"] <= 1e-8
     near = [row for row in rows if row["distance"] < 1e-4]
@@ -94,7 +102,7 @@ def harmonic_pressure(positions: np.ndarray, diameters: np.ndarray, box_sides: n
 
 @pytest.mark.notebook
 def test_inverse_design_notebook(tmp_path, kernel) -> None:
-    s = execute("04_inverse_design.ipynb", tmp_path, kernel)
+    s = execute("04_inverse_design.ipynb", tmp_path, kernel, "inverse_design")
     loss = [step["loss"] for step in s["history"]]
     assert loss[-1] <= 1e-3 * loss[0]
     check = s["gradient_check"]
@@ -107,7 +115,7 @@ def test_inverse_design_notebook(tmp_path, kernel) -> None:
 
 @pytest.mark.notebook
 def test_parameter_study_notebook(tmp_path, kernel) -> None:
-    s = execute("03_parameter_study.ipynb", tmp_path, kernel)
+    s = execute("03_parameter_study.ipynb", tmp_path, kernel, "parameter_study")
     assert s["samples"] == 8 and s["all_relaxed"] and s["all_solved"]
     # The pressure from the study's dE*/dB (envelope theorem) against the numpy
     # virial at the stored relaxed positions.
@@ -147,6 +155,6 @@ def test_vacancy_notebook(tmp_path, kernel) -> None:
     takes back the atom's share, -2 epsilon); the relaxed one's parameter
     sensitivities match re-relaxed finite differences; the written extxyz reads
     back the sensitivity field exactly."""
-    s = execute("06_vacancy.ipynb", tmp_path, kernel)
+    s = execute("06_vacancy.ipynb", tmp_path, kernel, "vacancy")
     assert abs(s["unrelaxed_formation_energy"] / (2 * 2.1683) - 1) < 1e-8
     assert s["largest_error"] <= 1e-5 and s["readback_error"] <= 1e-12

@@ -83,7 +83,7 @@ def _gradient_check(value_and_grad: Callable, theta: jax.Array, start: jax.Array
     return {"implicit": np.asarray(value_and_grad(theta, start)[1]).tolist(), "finite_difference": columns}
 
 
-def run(size: str = "full", out: str = "out/figures") -> dict[str, Any]:
+def run(size: str = "full", out: str | pathlib.Path = "out/figures") -> dict[str, Any]:
     """Optimise, draw ``inverse_design.png`` into ``out`` and return the summary
     (with the final positions, species and box sides, for independent checks)."""
     result = compute(**SIZES[size])
@@ -92,14 +92,19 @@ def run(size: str = "full", out: str = "out/figures") -> dict[str, Any]:
     final = plotting.packing_drawing(system, result["final_positions"], history[-1]["diameters"])
     figure = plotting.design_figure(
         loss=[h["loss"] for h in history],
-        curves={f"diameter of species {i}": [h["diameters"][i] for h in history] for i in range(len(DIAMETERS))},
+        curves={f"$d_{i}$ (species {i})": [h["diameters"][i] for h in history] for i in range(len(DIAMETERS))},
         structures={
-            f"start: p = {history[0]['pressure']:.3g}": (start["positions"], start["diameters"]),
-            f"final: p = {history[-1]['pressure']:.3g}": (final["positions"], final["diameters"]),
+            f"relaxed start: $p = {history[0]['pressure']:.3g}$": (start["positions"], start["diameters"]),
+            f"relaxed final: $p = {history[-1]['pressure']:.3g}$": (final["positions"], final["diameters"]),
         },
         species=final["species"],
         box=final["box"],
-        title=f"target pressure {TARGET_PRESSURE}, N={system.n}",
+        title=(
+            f"Species diameters $d_0, d_1$ tuned so that the relaxed packing's pressure is $p_t = {TARGET_PRESSURE}$ "
+            f"($N = {system.n}$ discs, fixed box, damped Gauss-Newton with implicit gradients)"
+        ),
+        loss_label=r"loss $L = (\ln p - \ln p_t)^2$",
+        curves_label="species diameter $d_s$",
     )
     return {
         "n": system.n,

@@ -16,9 +16,8 @@ log(delta_phi), with the standard deviation over bootstrap resamples of the
 seeds as uncertainty. Expected (:data:`EXPECTED`): p ~ delta_phi, B ~ const,
 G ~ delta_phi^0.5, z - z_iso ~ delta_phi^0.5.
 
-Figures: :func:`scaling_panels` (every quantity with its fit, one panel each)
-and :func:`run` (``elastic_moduli.png`` from the CSV: pressure and moduli in
-one panel, the excess contact number in the other).
+The figure, :func:`scaling_panels` (every quantity with its fit, one panel
+each), is drawn by :func:`run` from the CSV into ``jamming_scaling.png``.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ COLUMNS = (
     "n_contacts", "n_rattlers", "converged", "moduli_ok", "n_steps", "fmax", "solve_residual", "seconds",
 )  # fmt: skip
 SIZES = {"small": {"n_boot": 200}, "full": {"n_boot": 2000}}
-LABELS = {"pressure": "p", "bulk_modulus": "B", "shear_modulus": "G", "excess_z": "z - z_iso"}
 
 
 def seed_rows(
@@ -143,6 +141,7 @@ def exponent(rows: Sequence[dict[str, Any]], quantity: str, n_boot: int = 2000) 
     }
 
 
+@plotting.styled
 def scaling_panels(rows: Sequence[dict[str, Any]], fits: dict[str, dict[str, Any]], title: str) -> plt.Figure:
     """One log-log panel per quantity of :data:`EXPECTED`: seeds as dots (values
     <= 0 left out), seed means as circles, the fitted power law (``fits``: the
@@ -151,9 +150,9 @@ def scaling_panels(rows: Sequence[dict[str, Any]], fits: dict[str, dict[str, Any
         ("pressure", "pressure $p$"),
         ("bulk_modulus", "bulk modulus $B$"),
         ("shear_modulus", "shear modulus $G$"),
-        ("excess_z", r"$z - z_{iso}$"),
+        ("excess_z", r"excess contacts $z - z_{\rm iso}$"),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(8.5, 7.0))
+    fig, axes = plt.subplots(2, 2, figsize=(9.0, 7.6), layout="constrained")
     for ax, (key, label) in zip(axes.ravel(), panels, strict=True):
         positive = [r for r in rows if r[key] > 0]  # log axes: a fixed-box G can be negative
         hidden = len(rows) - len(positive)
@@ -161,60 +160,56 @@ def scaling_panels(rows: Sequence[dict[str, Any]], fits: dict[str, dict[str, Any
             [r["delta_phi"] for r in positive],
             [r[key] for r in positive],
             ".",
-            color="C0",
-            alpha=0.4,
+            color=plotting.OKABE_ITO["sky blue"],
             label=f"seeds ({hidden} values <= 0 not shown)" if hidden else "seeds",
         )
         f = fits[key]
         d, m = np.array(f["delta_phi"]), np.array(f["mean"])
         ok = m > 0
-        ax.plot(d[ok], m[ok], "o", color="k", label="seed mean")
+        ax.plot(d[ok], m[ok], "o", color="k", ms=5, label="seed mean")
         c = np.exp(np.mean(np.log(m[ok]) - f["exponent"] * np.log(d[ok])))
         ax.plot(
             d,
             c * d ** f["exponent"],
             "-",
-            color="C3",
-            label=f"fit: exponent {f['exponent']:.2f} ± {f['uncertainty']:.2f} (expected {f['expected']:g})",
+            color=plotting.OKABE_ITO["vermillion"],
+            label=(
+                f"fit: exponent {plotting.with_uncertainty(f['exponent'], f['uncertainty'])} "
+                f"(expected {f['expected']:g})"
+            ),
         )
-        ax.set(xscale="log", yscale="log", xlabel=r"$\phi - \phi_c$", ylabel=label)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        ax.set(xscale="log", yscale="log", xlabel=r"distance to jamming $\phi - \phi_c$", ylabel=label)
+        ax.legend()
+    fig.suptitle(title)
     return fig
 
 
-def run(size: str = "full", out: str = "out/figures", data: str | pathlib.Path = "data/jamming_scaling.csv") -> dict:
-    """Fit the rows of the CSV ``data``, draw ``elastic_moduli.png`` into ``out``
+def title(n: int, seeds: int) -> str:
+    """The figure's title."""
+    return (
+        f"2D harmonic bidisperse discs above jamming: $N = {n}$, {seeds} seeds\n"
+        "(exponent ± its bootstrap spread over seeds; cf. O'Hern et al., PRE 68, 011306, 2003)"
+    )
+
+
+def run(
+    size: str = "full", out: str | pathlib.Path = "out/figures", data: str | pathlib.Path = "data/jamming_scaling.csv"
+) -> dict:
+    """Fit the rows of the CSV ``data``, draw ``jamming_scaling.png`` into ``out``
     and return the summary."""
     rows = load_rows(data)
-    fits = {quantity: exponent(rows, quantity, **SIZES[size]) for quantity in LABELS}
+    fits = {quantity: exponent(rows, quantity, **SIZES[size]) for quantity in EXPECTED}
     seeds = sorted({row["seed"] for row in rows})
-    delta_phi = np.array(sorted({row["delta_phi"] for row in rows}))
-    value = {(row["seed"], row["delta_phi"], q): row[q] for row in rows for q in LABELS}
-
-    def samples(quantity: str) -> np.ndarray:
-        return np.array([[value[s, d, quantity] for d in delta_phi] for s in seeds])
-
-    figure = plotting.scaling_figure(
-        delta_phi,
-        [
-            {LABELS[q]: samples(q) for q in ("pressure", "bulk_modulus", "shear_modulus")},
-            {LABELS["excess_z"]: samples("excess_z")},
-        ],
-        exponents={LABELS[q]: (f["exponent"], f["uncertainty"]) for q, f in fits.items()},
-        xlabel=r"$\phi - \phi_c$",
-        title=f"2D harmonic bidisperse discs, N={int(rows[0]['n'])}, {len(seeds)} seeds (cf. O'Hern et al. 2003)",
-    )
+    figure = scaling_panels(rows, fits, title(int(rows[0]["n"]), len(seeds)))
     return {
         "n": int(rows[0]["n"]),
         "seeds": len(seeds),
-        "delta_phi": delta_phi.tolist(),
-        "seed_mean": {q: samples(q).mean(axis=0).tolist() for q in LABELS},
+        "delta_phi": fits["pressure"]["delta_phi"],
+        "seed_mean": {q: fitted["mean"] for q, fitted in fits.items()},
         "exponents": {
             q: {k: fitted[k] for k in ("exponent", "uncertainty", "expected", "within_tolerance")}
             for q, fitted in fits.items()
         },
         "all_states_converged": all(row["converged"] for row in rows),
-        "figures": [plotting.save(figure, pathlib.Path(out) / "elastic_moduli.png")],
+        "figures": [plotting.save(figure, pathlib.Path(out) / "jamming_scaling.png")],
     }

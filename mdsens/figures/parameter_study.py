@@ -50,6 +50,17 @@ SMALL = {
 }
 
 
+#: Axis labels of the coordinates and observables.
+LABELS = {
+    "phi": r"packing fraction $\phi$",
+    "diameter ratio": r"diameter ratio $d_{\rm large}/d_{\rm small}$",
+    "pressure": r"pressure $p$",
+    "energy per particle": r"energy per particle $E^*/N$",
+    "rms |dx*/d(small diameter)|": r"rms $|\partial x_i^*/\partial d_{\rm small}|$",
+    "zero modes beyond translations": "zero modes beyond translations",
+}
+
+
 def open_study(size: str, folder: str | pathlib.Path, config: str | pathlib.Path) -> Any:
     """The study's Dataset: the tiny one run now, or ``config`` run in ``folder``
     (resumed, and returned at once when complete, its files checked)."""
@@ -77,7 +88,7 @@ def sample_observables(ds: Any) -> dict[str, np.ndarray]:
 
 def run(
     size: str = "full",
-    out: str = "out/figures",
+    out: str | pathlib.Path = "out/figures",
     folder: str | pathlib.Path = "out/study_example",
     config: str | pathlib.Path = "data/study_example.toml",
 ) -> dict[str, Any]:
@@ -87,8 +98,16 @@ def run(
     coordinates = {"phi": ds["phi"].values, "diameter ratio": diameters[:, 1] / diameters[:, 0]}
     values = sample_observables(ds)
     n = int(ds["n_particles"].values[0])
-    title = f"{ds.attrs['builder']}, N={n}: {ds.sizes['point']} points x {ds.sizes['seed']} seeds"
-    figure = plotting.sweep_figure(coordinates, values, title=title)
+    title = (
+        f"Relaxed bidisperse harmonic discs in 2D, $N = {n}$: {len(np.unique(coordinates['phi']))} packing "
+        f"fractions x {len(np.unique(coordinates['diameter ratio']))} diameter ratios, "
+        f"{ds.sizes['seed']} random starts each"
+    )
+    figure = plotting.sweep_figure(
+        {LABELS[name]: value for name, value in coordinates.items()},
+        {LABELS[name]: value for name, value in values.items()},
+        title=title,
+    )
     return {
         "samples": int(ds["energy"].size),
         "all_relaxed": bool(ds["relax_converged"].values.all()),

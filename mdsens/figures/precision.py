@@ -82,7 +82,7 @@ def compute(n: int, n_points: int) -> dict[str, Any]:
     return {"n": n, "converged_steps": last, "rows": rows}
 
 
-def run(size: str = "full", out: str = "out/figures") -> dict[str, Any]:
+def run(size: str = "full", out: str | pathlib.Path = "out/figures") -> dict[str, Any]:
     """Compute, draw ``precision.png`` into ``out`` and return the summary."""
     result = compute(**SIZES[size])
     column = {name: np.array([row[name] for row in result["rows"]]) for name in result["rows"][0]}
@@ -90,11 +90,14 @@ def run(size: str = "full", out: str = "out/figures") -> dict[str, Any]:
         column["steps"],
         # Far from x*, H(x_k) can be indefinite and MINRES may miss its tolerance: those points are left out.
         {
-            "implicit at x_k": np.where(column["solve_converged"], column["implicit"], np.nan),
-            "unrolled through k steps": column["unrolled"],
+            "implicit at $x_k$": np.where(column["solve_converged"], column["implicit"], np.nan),
+            "unrolled through $k$ steps": column["unrolled"],
         },
         fmax=column["fmax"],
         distance=column["distance"],
-        title=f"dx*/d(small diameter), N={result['n']}: error against the dense reference",
+        title=(
+            r"$\partial x^*/\partial d_{\rm small}$ after $k$ FIRE steps, "
+            f"$N = {result['n']}$ discs: error against the dense pseudo-inverse at $x^*$"
+        ),
     )
     return {**result, "figures": [plotting.save(figure, pathlib.Path(out) / "precision.png")]}

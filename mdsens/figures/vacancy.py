@@ -28,6 +28,7 @@ import numpy as np
 
 from mdsens import defects, io, plotting, systems
 from mdsens.systems.materials import SW_VACANCY_FORMATION_ENERGY
+from mdsens.systems.stillinger_weber import SILICON
 
 SIZES: dict[str, dict[str, Any]] = {"small": {"cells": 2, "sizes": ()}, "full": {"cells": 2, "sizes": (3, 4)}}
 
@@ -83,6 +84,7 @@ def _decade_ticks(ax: Any, values: Sequence[float], threshold: float) -> None:
     ax.set_xticklabels([f"{-d:g}" for d in decades[::-1]] + ["0"] + [f"{d:g}" for d in decades], fontsize=7)
 
 
+@plotting.styled
 def draw(result: dict[str, Any]) -> plt.Figure:
     """Left and middle: dE_f/dtheta and the relaxation's gradient, adjoint (bars)
     and finite differences (dots); right: E_f against 1/N with the published value."""
@@ -95,7 +97,7 @@ def draw(result: dict[str, Any]) -> plt.Figure:
         (axes[1], "relaxation", r"$d\bar r_1/d\theta$ (Å per unit of $\theta$)"),
     ):
         values = [checks[name][key] for name in names]
-        ax.barh(y, values, color="#4C72B0", label="implicit (adjoint)")
+        ax.barh(y, values, color=plotting.OKABE_ITO["sky blue"], label="implicit (adjoint)")
         ax.plot([checks[name][f"{key}_fd"] for name in names], y, "k.", label="re-relaxed finite differences")
         ax.set_yticks(y, names)
         ax.axvline(0.0, color="0.5", lw=0.5)
@@ -103,18 +105,32 @@ def draw(result: dict[str, Any]) -> plt.Figure:
         _decade_ticks(ax, values, 1e-2)
         ax.set_xlabel(label)
     axes[0].legend(loc="lower right", fontsize=8)
-    axes[0].set_title(f"vacancy formation energy, N = {result['atoms']}")
+    axes[0].set_title(f"vacancy formation energy, $N = {result['atoms']}$")
     axes[1].set_title("mean distance of the 4 neighbours to the site")
 
     atoms = np.array([int(n) for n in result["formation_energy_by_atoms"]])
     energies = np.array(list(result["formation_energy_by_atoms"].values()))
     ax = axes[2]
-    ax.plot(1.0 / atoms, energies, "o-", color="#4C72B0", label="relaxed (this work)")
+    ax.plot(1.0 / atoms, energies, "o-", color=plotting.OKABE_ITO["blue"], label="relaxed (this work)")
     published = result["published"]
-    ax.axhline(published["energy"], color="k", ls=":", label=f"published, {published['energy']} eV")
+    scaled = published["energy"] * SILICON["epsilon"] / published["epsilon"]
+    ax.axhline(
+        scaled,
+        color="k",
+        ls=":",
+        label=f"published {published['energy']} eV at ε = {published['epsilon']} eV,\n"
+        f"scaled to ε = {SILICON['epsilon']} eV: {scaled:.3f} eV",
+    )
     ticks, labels = [1.0 / n for n in atoms], [str(n) for n in atoms]
     if result["extrapolated_formation_energy"] is not None:
-        ax.plot([0.0], [result["extrapolated_formation_energy"]], "s", color="#4C72B0", mfc="white", label="1/N → 0")
+        ax.plot(
+            [0.0],
+            [result["extrapolated_formation_energy"]],
+            "s",
+            color=plotting.OKABE_ITO["blue"],
+            mfc="white",
+            label="1/N → 0",
+        )
         ticks, labels = [0.0, *ticks], ["∞", *labels]
     ax.set_xticks(ticks, labels)
     ax.set_xlabel("N (on a 1/N axis)")
@@ -125,7 +141,7 @@ def draw(result: dict[str, Any]) -> plt.Figure:
     return figure
 
 
-def run(size: str = "full", out: str = "out/figures") -> dict[str, Any]:
+def run(size: str = "full", out: str | pathlib.Path = "out/figures") -> dict[str, Any]:
     """Compute, draw ``vacancy.png`` (and write ``vacancy.xyz``) into ``out`` and return the summary."""
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
     result = compute(**SIZES[size], out=out)
