@@ -141,7 +141,7 @@ def outcome(energy: Energy, minimiser: Minimiser, params: Any, state: Any) -> tu
     fmax = max_force(state.force)
     finite = jnp.isfinite(e) & jnp.all(jnp.isfinite(state.force))
     hvp = zero_modes.hvp_of(energy_fn, x, params)
-    lowest, largest = curvature_bounds(hvp, zero_modes.detect(hvp, x))
+    lowest, largest = curvature_bounds(hvp, zero_modes.modes_at("auto", energy_fn, x, params))
     saddle = is_saddle(lowest, largest) | ~jnp.isfinite(lowest)
     at_tolerance = (fmax <= minimiser.fmax) & valid & finite
     converged = at_tolerance & ~saddle

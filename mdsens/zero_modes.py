@@ -149,8 +149,13 @@ def modes_at(
     zero_modes: ZeroModesSpec, energy_fn: Callable[[Array, Any], Array], positions: Array, params: Any
 ) -> ZeroModes:
     """The zero modes at an equilibrium as ``zero_modes`` specifies them:
-    detected (``"auto"``), none, or computed by a callable."""
+    detected (``"auto"``), none, or computed by a callable. ``"auto"`` takes
+    the energy's own ``energy_fn.zero_modes(positions, params)`` if it declares
+    them (energies over coordinates whose translations are not rigid, such as
+    :mod:`mdsens.cell`'s joint coordinates)."""
     if isinstance(zero_modes, str):
+        if hasattr(energy_fn, "zero_modes"):
+            return energy_fn.zero_modes(positions, params)
         return detect(hvp_of(energy_fn, positions, params), positions)
     if zero_modes is None:
         return none(positions)
