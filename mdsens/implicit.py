@@ -220,8 +220,17 @@ def checked_parameter_tangent(tangent: Any, throw: bool) -> Any:
 
     # One flat array: leaves that are not differentiated arrive as constant zeros,
     # and custom_linear_solve can only transpose an operand that is linear throughout.
-    flat, unravel = ravel_pytree(tangent)
-    return unravel(jax.lax.custom_linear_solve(lambda v: v, flat, check, check, symmetric=True))
+    # Integer leaves (a neighbor list travelling with the parameters) have float0
+    # tangents and pass unchanged.
+    leaves, structure = jax.tree_util.tree_flatten(tangent)
+    inexact = [i for i, leaf in enumerate(leaves) if getattr(leaf, "dtype", None) != jax.dtypes.float0]
+    if not inexact:
+        return tangent
+    flat, unravel = ravel_pytree([leaves[i] for i in inexact])
+    checked = unravel(jax.lax.custom_linear_solve(lambda v: v, flat, check, check, symmetric=True))
+    for i, leaf in zip(inexact, checked, strict=True):
+        leaves[i] = leaf
+    return jax.tree_util.tree_unflatten(structure, leaves)
 
 
 def enforce(solve: Solve, throw: bool) -> Solve:
