@@ -347,4 +347,6 @@ def test_traced_nan_positions_are_flagged_nonfinite(built: Systems) -> None:
     positions = nan_at_first(built.packing.positions)
     with pytest.warns(RuntimeWarning, match=Status.nonfinite.name):
         result = jax.jit(lambda x: mdsens.relax(built.packing, x, minimiser=FEW_STEPS))(positions)
+        # Dispatch is asynchronous: wait for the warning's callback inside the block.
+        jax.effects_barrier()
     assert result.reason == Status.nonfinite.name and not bool(result.converged)
