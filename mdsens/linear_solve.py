@@ -146,14 +146,15 @@ class Jacobi:
 @dataclasses.dataclass(frozen=True, eq=False)
 class BlockJacobi:
     """Block-Jacobi preconditioner ``M = blockdiag(A_kk)^+`` from the ``(N, dim, dim)``
-    per-particle diagonal blocks of ``A`` (e.g. :func:`mdsens.preconditioners.hessian_blocks`,
-    O(N) for neighbor lists). Each block is inverted on its eigenvalues above
-    ``rcond`` times the largest of all blocks; the others (a rattler's zero block,
-    the null direction of a particle with one contact) map to zero, directions
-    that are in the null space of a positive semi-definite ``A``, so the
-    minimum-norm answer is kept. Unlike :class:`Jacobi` it also captures each
-    particle's anisotropy (the ``r^ r^T`` terms of its contacts). It holds
-    arrays, so it compares and hashes by identity: build it once per state."""
+    per-particle diagonal blocks of ``A`` (e.g. the exact ones of
+    :meth:`mdsens.System.hessian_blocks`, O(N) for neighbor lists). Each block
+    is inverted on its eigenvalues above ``rcond`` times the largest of all
+    blocks; the others (a rattler's zero block, the null direction of a
+    particle with one contact) map to zero, directions that are in the null
+    space of a positive semi-definite ``A``, so the minimum-norm answer is kept.
+    Unlike :class:`Jacobi` it also captures each particle's anisotropy (the
+    ``r^ r^T`` terms of its contacts). It holds arrays, so it compares and
+    hashes by identity: build it once per state."""
 
     blocks: Any
     rcond: float = dataclasses.field(default=1e-10, metadata=dict(static=True))

@@ -133,7 +133,7 @@ def test_forward_sensitivity_agrees(pair512, relaxed512) -> None:
 def test_no_n_by_n_array_on_the_neighbor_list_path(pair512) -> None:
     """Every intermediate of a relaxation and a sensitivity (equilibrium_jvp
     traced: relaxation with the list built at the start, zero modes, solve),
-    of reverse mode through mdsens.equilibrium, and of the Hessian diagonal:
+    of reverse mode through mdsens.equilibrium, and of the Hessian diagonal and blocks:
     at most one axis of length >= N, fewer than N^2 entries (the all-pairs
     energy fails this)."""
     a, b = pair512
@@ -143,6 +143,7 @@ def test_no_n_by_n_array_on_the_neighbor_list_path(pair512) -> None:
         lambda x, p: mdsens.equilibrium_jvp(b, p, t, positions=x),
         jax.grad(lambda x, p: jnp.sum(mdsens.equilibrium(b, p, positions=x) ** 2), argnums=1),
         lambda x, p: b.hessian_diagonal(x, p),
+        lambda x, p: b.hessian_blocks(x, p),
     ]
 
     def shapes(jaxpr):

@@ -1,7 +1,8 @@
-"""Block-Jacobi preconditioning (mdsens.preconditioners, mdsens.linear_solve.BlockJacobi)
+"""Block-Jacobi preconditioning (System.hessian_blocks, mdsens.linear_solve.BlockJacobi)
 against dense references: the blocks are the dense Hessian's diagonal blocks (all
-pairs and neighbor lists), the preconditioner is the blockwise pseudo-inverse, and
-CG with it gives the dense pseudo-inverse's sensitivity in fewer iterations."""
+pairs and neighbor lists, through the energy protocol), the preconditioner is the
+blockwise pseudo-inverse, and CG with it gives the dense pseudo-inverse's
+sensitivity in fewer iterations."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import mdsens
 import mdsens.testing
 from mdsens import systems
 from mdsens.linear_solve import BlockJacobi
-from mdsens.preconditioners import hessian_blocks
 
 N = 64
 
@@ -39,17 +39,22 @@ def test_blocks_are_the_dense_diagonal_blocks(packing, neighbor_list) -> None:
     system, x, reference = packing
     if neighbor_list:
         system = systems.soft_sphere_packing(N, dim=2, phi=0.9, seed=0, neighbor_list=True)
-    blocks = hessian_blocks(system, x)
+    assert system.neighbor_list == neighbor_list
+    blocks = system.hessian_blocks(x)
     expected = diagonal_blocks(reference.H, 2)
     assert blocks.shape == (N, 2, 2)
     np.testing.assert_allclose(blocks, expected, rtol=0, atol=1e-12 * np.max(np.abs(expected)))
+    # The diagonal (Jacobi's) is the blocks' diagonal, by either path.
+    np.testing.assert_allclose(
+        system.hessian_diagonal(x), np.diagonal(expected, axis1=1, axis2=2), rtol=0, atol=1e-12 * np.max(expected)
+    )
 
 
 def test_blocks_off_equilibrium_in_3d() -> None:
     system = systems.soft_sphere_packing(27, dim=3, phi=0.7, seed=1)
     x = system.positions  # random start: overlapping, indefinite blocks possible
     hessian = jax.hessian(lambda y: system.energy(y, system.params))(x).reshape(81, 81)
-    np.testing.assert_allclose(hessian_blocks(system, x), diagonal_blocks(np.asarray(hessian), 3), atol=1e-12)
+    np.testing.assert_allclose(system.hessian_blocks(x), diagonal_blocks(np.asarray(hessian), 3), atol=1e-12)
 
 
 def test_preconditioner_is_the_blockwise_pseudo_inverse() -> None:
@@ -71,7 +76,7 @@ def test_cg_with_block_jacobi_is_exact_and_faster(packing) -> None:
     tangent["diameters"] = jnp.ones_like(system.params["diameters"])
     truth = reference.J @ ravel_pytree(tangent)[0]
     iterations = {}
-    for name, preconditioner in [("none", None), ("block", BlockJacobi(hessian_blocks(system, x)))]:
+    for name, preconditioner in [("none", None), ("block", BlockJacobi(system.hessian_blocks(x)))]:
         adjoint = mdsens.Implicit(solver=mdsens.CG(preconditioner=preconditioner))
         dx, info = mdsens.sensitivity_at(system, x, system.params, tangent, adjoint=adjoint)
         assert bool(info.converged), info.reason

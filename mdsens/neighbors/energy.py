@@ -183,12 +183,17 @@ class NeighborListEnergy:
         the pairs."""
         return _standalone(self, pair_sum.energy, positions, params)
 
-    def hessian_diagonal(self, positions: Array, params: Params) -> Array:
-        """Exact diagonal of the Hessian, shape ``(N, dim)``, in O(N): the sum over
-        the pairs of each particle of the diagonal of its pair blocks
+    def hessian_blocks(self, positions: Array, params: Params) -> Array:
+        """Exact per-particle diagonal blocks of the Hessian, shape ``(N, dim, dim)``,
+        in O(N): the sum over the pairs of each particle of its pair blocks
         ``phi'' r^ r^T + phi'/r (I - r^ r^T)``. With a list built at
         ``positions`` (capacity from :meth:`create`); NaN and a
         ``RuntimeWarning`` if it cannot hold the pairs."""
+        return _standalone(self, pair_sum.hessian_blocks, positions, params)
+
+    def hessian_diagonal(self, positions: Array, params: Params) -> Array:
+        """Exact diagonal of the Hessian, shape ``(N, dim)``, in O(N): the
+        diagonals of :meth:`hessian_blocks`, summed directly."""
         return _standalone(self, pair_sum.hessian_diagonal, positions, params)
 
 

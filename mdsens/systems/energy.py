@@ -15,8 +15,10 @@ None):
   frozen (NaN, with NaN derivatives, when ``aux`` is invalid);
 
 plus ``freeze(positions, params) -> aux`` (on the host: the tightest ``aux``
-exact for derivatives at one state), ``hessian_diagonal(positions, params)``
-and ``diagnostics(aux) -> dict``. No caller branches on the energy's type.
+exact for derivatives at one state), ``hessian_blocks(positions, params)`` and
+``hessian_diagonal(positions, params)`` (the Hessian's per-particle diagonal
+blocks and its diagonal, for preconditioners) and ``diagnostics(aux) -> dict``.
+No caller branches on the energy's type.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Energy(Protocol):
     def bind(self, aux: Any) -> EnergyFn: ...
 
     def freeze(self, positions: Array, params: Any) -> Any: ...
+
+    def hessian_blocks(self, positions: Array, params: Any) -> Array: ...
 
     def hessian_diagonal(self, positions: Array, params: Any) -> Array: ...
 
@@ -82,25 +86,35 @@ class FunctionEnergy:
     def freeze(self, positions: Array, params: Any) -> None:
         return None
 
+    def hessian_blocks(self, positions: Array, params: Any, batch_size: int = 64) -> Array:
+        r"""Exact per-particle diagonal blocks of the Hessian,
+        :math:`\partial^2 E / \partial x_k \partial x_k^T`, shape ``(N, dim, dim)``,
+        from ``N dim`` Hessian-vector products (``batch_size`` at a time): what
+        forming the dense Hessian costs, for small systems."""
+        return _hessian_blocks(self.fn, positions, params, max(1, batch_size // positions.shape[1]))
+
     def hessian_diagonal(self, positions: Array, params: Any, batch_size: int = 64) -> Array:
-        """Exact diagonal of the Hessian, shape ``(N, dim)``, from ``N dim``
-        Hessian-vector products (batched)."""
-        return _hessian_diagonal(self.fn, positions, params, batch_size)
+        """Exact diagonal of the Hessian, shape ``(N, dim)``: the diagonals of
+        :meth:`hessian_blocks`."""
+        return jnp.diagonal(self.hessian_blocks(positions, params, batch_size), axis1=-2, axis2=-1)
 
     def diagnostics(self, aux: None) -> dict[str, Any]:
         return {}
 
 
 @jax.jit(static_argnums=(0, 3))
-def _hessian_diagonal(fn: EnergyFn, positions: Array, params: Any, batch_size: int) -> Array:
+def _hessian_blocks(fn: EnergyFn, positions: Array, params: Any, batch_size: int) -> Array:
     gradient = jax.grad(fn)
-    n = positions.size
+    dim = positions.shape[1]
 
-    def entry(i):
-        e = jnp.zeros(n, positions.dtype).at[i].set(1.0).reshape(positions.shape)
-        return jnp.vdot(e, jax.jvp(lambda x: gradient(x, params), (positions,), (e,))[1])
+    def block(k: Array) -> Array:
+        def column(a: int) -> Array:
+            e = jnp.zeros_like(positions).at[k, a].set(1.0)
+            return jax.jvp(lambda x: gradient(x, params), (positions,), (e,))[1][k]
 
-    return jax.lax.map(entry, jnp.arange(n), batch_size=batch_size).reshape(positions.shape)
+        return jnp.stack([column(a) for a in range(dim)], axis=1)
+
+    return jax.lax.map(block, jnp.arange(positions.shape[0]), batch_size=batch_size)
 
 
 def as_energy(energy: Energy | EnergyFn) -> Energy:

@@ -201,3 +201,10 @@ class System:
         (for :class:`mdsens.linear_solve.Jacobi`); O(N) for neighbor lists."""
         positions, params = self.inputs(positions, params)
         return self.energy.hessian_diagonal(positions, params)
+
+    def hessian_blocks(self, positions: Any = None, params: Any = None) -> Array:
+        """Exact per-particle diagonal blocks of the Hessian at ``positions``,
+        shape ``(N, dim, dim)`` (for :class:`mdsens.linear_solve.BlockJacobi`);
+        O(N) for neighbor lists."""
+        positions, params = self.inputs(positions, params)
+        return self.energy.hessian_blocks(positions, params)
