@@ -156,6 +156,7 @@ def _pair_neighbor_energy(
 ) -> nl.NeighborListEnergy:
     """Species-matrix pair potential (already cut off at ``r_cut``) over a neighbor list."""
     extra = tuple(name for name in params if name not in ("sigma", "epsilon", "box"))
+    species = jnp.asarray(species)  # indexed by traced pairs (lists built under jit)
 
     def pair_params(p: Params, i: Array, j: Array) -> Params:
         # Both orders, as the all-pairs sum: the same values (symmetric matrices)
