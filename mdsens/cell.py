@@ -1,4 +1,4 @@
-r"""Equilibria at fixed pressure: the box relaxes with the particles, and both are differentiable.
+r"""Equilibria at fixed pressure or stress: the box relaxes with the particles, and both are differentiable.
 
 :func:`at_pressure` turns a periodic :class:`~mdsens.System` into another
 ``System`` whose positions are *joint coordinates*: ``N`` rows of particle
@@ -38,14 +38,23 @@ and ``zero_modes="auto"`` takes an energy's own declaration, so the default
 :class:`mdsens.Implicit` and the relaxation's curvature certificate use the
 right modes: ``mdsens.equilibrium(cell_system, params)`` as for any system.
 
+**A target stress tensor.** :func:`at_stress` (full mode) adds to the
+enthalpy the Parrinello--Rahman term ``-V_0 tau : (F^T F - I)/2`` of the
+deviator ``tau`` of the target, a second Piola--Kirchhoff stress of the
+reference box; the pressure part is held as above. Its parameters are the
+system's plus ``"stress"``.
+
 :func:`relaxed` reads a :class:`~mdsens.RelaxResult` of a cell system as a
-:class:`CellResult`: positions and box, the largest particle force and the
-stress residual, each with its own tolerance. :func:`split`,
+:class:`CellResult`: positions, box and stress, the largest particle force and
+the stress residual, each with its own tolerance. :func:`split`,
 :func:`fixed_box`, :func:`volume` and :func:`packing_fraction` read joint
-coordinates (all differentiable).
+coordinates (all differentiable). :func:`elastic_moduli` gives the moduli of
+the box-relaxed state with their pre-stress terms (the stress--strain
+coefficients that stress control measures).
 
 All-pairs energies only: a neighbor list needs an upper-triangular box, which
-a symmetric ``F`` does not keep (build with ``neighbor_list=False``).
+a symmetric ``F`` does not keep, and is valid only for the box it was built
+in, which moves at every step (build with ``neighbor_list=False``).
 """
 
 from __future__ import annotations
@@ -59,11 +68,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdsens import observables
 from mdsens import zero_modes as zm
 from mdsens._checks import as_float64, check_finite, require_x64
 from mdsens._values import positive_float
-from mdsens.minimisers import max_force
-from mdsens.observables.virial import check_deformable
+from mdsens.adjoints import Implicit
+from mdsens.equilibria import equilibrium
+from mdsens.minimisers import FIRE, Minimiser, max_force
+from mdsens.observables.virial import check_deformable, strained_energy
 from mdsens.relaxation import RelaxResult
 from mdsens.systems.energy import Energy, FunctionEnergy
 from mdsens.systems.system import System
@@ -120,6 +132,8 @@ class Enthalpy:
         mode: ``"isotropic"`` or ``"full"``.
         scale: cell coordinates are ``scale * epsilon``.
         offsets: the fixed offsets of the cell rows (tuples, for hashing).
+        target: the parameter that holds the load: ``"pressure"``
+            (:func:`at_pressure`) or ``"stress"`` (:func:`at_stress`).
     """
 
     energy: Energy
@@ -127,6 +141,7 @@ class Enthalpy:
     mode: str
     scale: float
     offsets: tuple[tuple[float, ...], ...]
+    target: str = "pressure"
 
     @property
     def dim(self) -> int:
@@ -151,12 +166,34 @@ class Enthalpy:
     def state(self, joint: Array, params: Mapping[str, Any]) -> tuple[Array, dict[str, Any]]:
         """Physical positions ``q F^T`` and the fixed-box system's params with ``box = F box_0``."""
         f = self.deformation(joint)
-        fixed = {key: value for key, value in params.items() if key != "pressure"}
+        fixed = {key: value for key, value in params.items() if key != self.target}
         return joint[: self.n] @ f.T, fixed | {"box": f @ params["box"]}
+
+    def load(self, params: Mapping[str, Any]) -> tuple[Array, Array]:
+        """``(p, tau)``: the pressure ``-tr(sigma_t)/dim`` and the deviator
+        ``tau = sigma_t + p I`` of the target (``tau = 0`` for a pressure target)."""
+        if self.target == "pressure":
+            return params["pressure"], jnp.zeros((self.dim, self.dim), params["pressure"].dtype)
+        target = params["stress"]
+        p = -jnp.trace(target) / self.dim
+        return p, target + p * jnp.eye(self.dim, dtype=target.dtype)
 
     def __call__(self, joint: Array, params: Mapping[str, Any]) -> Array:
         positions, fixed = self.state(joint, params)
-        return self.energy(positions, fixed) + params["pressure"] * jnp.abs(jnp.linalg.det(fixed["box"]))
+        p, tau = self.load(params)
+        enthalpy = self.energy(positions, fixed) + p * jnp.abs(jnp.linalg.det(fixed["box"]))
+        if self.target == "pressure":
+            return enthalpy
+        f = self.deformation(joint)
+        green = 0.5 * (f.T @ f - jnp.eye(self.dim, dtype=f.dtype))
+        return enthalpy - jnp.abs(jnp.linalg.det(params["box"])) * jnp.sum(tau * green)
+
+    def held_stress(self, joint: Array, params: Mapping[str, Any]) -> Array:
+        """The Cauchy stress that stationarity of the enthalpy implies at the box of
+        ``joint``: ``-p I + F tau F^T / det F`` (``-p I`` for a pressure target)."""
+        f = self.deformation(joint)
+        p, tau = self.load(params)
+        return -p * jnp.eye(self.dim, dtype=f.dtype) + f @ tau @ f.T / jnp.linalg.det(f)
 
     def zero_modes(self, joint: Array, params: Any) -> zm.ZeroModes:
         """The joint zero modes (:class:`JointZeroModes`): what ``zero_modes="auto"``
@@ -196,7 +233,9 @@ class JointZeroModes:
 def _enthalpy(cell_system: System, caller: str) -> Enthalpy:
     energy = cell_system.energy
     if not (isinstance(energy, FunctionEnergy) and isinstance(energy.fn, Enthalpy)):
-        raise ValueError(f"{caller}: expected a cell system from mdsens.cell.at_pressure; got {cell_system!r}.")
+        raise ValueError(
+            f"{caller}: expected a cell system from mdsens.cell.at_pressure or at_stress; got {cell_system!r}."
+        )
     return energy.fn
 
 
@@ -216,31 +255,80 @@ def at_pressure(system: System, pressure: Any, mode: str = "isotropic", *, scale
     The reference box is ``params["box"]`` (still a parameter); the start is
     the system's positions at zero strain.
     """
-    require_x64("mdsens.cell.at_pressure")
-    check_deformable(system, "mdsens.cell.at_pressure")
+    caller = "mdsens.cell.at_pressure"
     if mode not in MODES:
-        raise ValueError(f"mdsens.cell.at_pressure: mode must be one of {MODES}; got {mode!r}.")
-    if system.neighbor_list:
-        raise ValueError(
-            "mdsens.cell.at_pressure: neighbor-list energies need an upper-triangular box, which the "
-            "relaxing (symmetric) deformation does not keep; build the system with neighbor_list=False."
-        )
-    if "pressure" in system.params:
-        raise ValueError("mdsens.cell.at_pressure: the system already has a parameter named 'pressure'.")
+        raise ValueError(f"{caller}: mode must be one of {MODES}; got {mode!r}.")
     pressure = as_float64(pressure, "pressure")
     if pressure.shape != ():
-        raise ValueError(f"mdsens.cell.at_pressure: pressure must be a scalar; got shape {pressure.shape}.")
-    check_finite(pressure, "pressure")
+        raise ValueError(f"{caller}: pressure must be a scalar; got shape {pressure.shape}.")
+    return _cell_system(system, "pressure", pressure, mode, scale, caller)
+
+
+def at_stress(system: System, stress: Any, *, scale: float | None = None) -> System:
+    r"""The periodic ``system`` at a target stress tensor ``stress`` (``sigma_t``,
+    mdsens's sign: tension positive, so ``-p I`` is the pressure ``p``), every
+    symmetric strain of the box relaxing (``mode="full"``), with the
+    Parrinello--Rahman enthalpy
+
+    .. math:: H = E + p\,V - V_0\,\tau : \tfrac12(F^TF - I),\qquad
+              p = -\tfrac{1}{d}\,\mathrm{tr}\,\sigma_t,\quad \tau = \sigma_t + p I,
+
+    ``V_0`` the volume of the reference box ``params["box"]`` and ``F`` the
+    deformation from it (module docstring). The pressure enters as in
+    :func:`at_pressure` (``sigma_t = -p I`` gives the same enthalpy), the
+    deviator ``tau`` as a second Piola--Kirchhoff stress of the reference box,
+    conjugate to the Green strain: a constant Cauchy deviator does no
+    conservative work, so no enthalpy holds it at every box. At a stationary
+    point the virial stress is
+
+    .. math:: \sigma = -p I + F \tau F^T / \det F ,
+
+    (:meth:`Enthalpy.held_stress`; :func:`relaxed` reports the residual of
+    this identity): the target exactly when the relaxed box is the reference
+    (``F = I``), and otherwise to first order in ``|strain| |tau|``. To hold
+    ``sigma_t`` at the relaxed box, take that box as the reference (``params
+    ["box"]``, same cell system) and relax again, as LAMMPS's ``fix box/relax
+    nreset`` does: each repetition shrinks the mismatch by a factor of order
+    ``|tau| / B``.
+
+    Args:
+        system: as for :func:`at_pressure`.
+        stress: the symmetric ``(dim, dim)`` target, stored as
+            ``params["stress"]`` (differentiable; a tangent on one
+            off-diagonal entry moves half a shear, a symmetric one the shear).
+        scale: cell coordinates are ``scale * epsilon``; default ``N``.
+    """
+    caller = "mdsens.cell.at_stress"
+    stress = as_float64(stress, "stress")
+    if stress.shape != (system.dim, system.dim):
+        raise ValueError(f"{caller}: stress must be a ({system.dim}, {system.dim}) matrix; got shape {stress.shape}.")
+    if not bool(jnp.all(stress == stress.T)):
+        raise ValueError(f"{caller}: stress must be symmetric (a Cauchy stress); got {stress.tolist()}.")
+    return _cell_system(system, "stress", stress, "full", scale, caller)
+
+
+def _cell_system(system: System, target: str, load: Array, mode: str, scale: float | None, caller: str) -> System:
+    require_x64(caller)
+    check_deformable(system, caller)
+    if system.neighbor_list:
+        raise ValueError(
+            f"{caller}: neighbor-list energies need an upper-triangular box, which the relaxing "
+            "(symmetric) deformation does not keep, and a list is valid only in the box it was built "
+            "for, which moves at every step; build the system with neighbor_list=False."
+        )
+    if target in system.params:
+        raise ValueError(f"{caller}: the system already has a parameter named {target!r}.")
+    check_finite(load, target)
     n = system.n
-    scale = float(n) if scale is None else positive_float(scale, "scale", "mdsens.cell.at_pressure")
+    scale = float(n) if scale is None else positive_float(scale, "scale", caller)
     rows = 1 if mode == "isotropic" else 2
     # Outside the reference box, one box diagonal apart: never on a particle of the start.
     diagonal = np.asarray(system.params["box"]).sum(axis=1)
     offsets = tuple(tuple(float(v) for v in -(row + 1.0) * diagonal) for row in range(rows))
-    enthalpy = Enthalpy(system.energy, n, mode, scale, offsets)
+    enthalpy = Enthalpy(system.energy, n, mode, scale, offsets, target)
     joint = jnp.concatenate([system.positions, jnp.asarray(offsets, jnp.float64)])
     species = jnp.concatenate([system.species, jnp.full(rows, jnp.max(system.species) + 1, jnp.int32)])
-    params = {**system.params, "pressure": pressure}
+    params = {**system.params, target: load}
     return System(FunctionEnergy(enthalpy), params, joint, system.box, species, system.dt_max, system.positive)
 
 
@@ -277,16 +365,60 @@ def packing_fraction(cell_system: System, joint: Array, params: Any = None) -> A
     return unit * jnp.sum(d**enthalpy.dim) / volume(cell_system, joint, params)
 
 
+def elastic_moduli(
+    cell_system: System,
+    params: Any = None,
+    *,
+    positions: Any = None,
+    minimiser: Minimiser = FIRE(),
+    adjoint: Implicit = Implicit(),
+    throw: bool = True,
+) -> Array:
+    r"""The stress--strain coefficients of the box-relaxed state, the elastic
+    moduli at fixed pressure or stress (shape ``(dim, dim, dim, dim)``):
+
+    .. math:: B_{ijkl} = \frac{d\sigma_{ij}}{d\epsilon_{kl}} = C_{ijkl}
+              + \tfrac14(\delta_{ik}\sigma_{jl} + \delta_{il}\sigma_{jk}
+              + \sigma_{ik}\delta_{jl} + \sigma_{il}\delta_{jk}) - \sigma_{ij}\delta_{kl},
+
+    Wallace's coefficients: ``C`` of :func:`mdsens.observables.elastic_moduli`
+    (affine minus non-affine, positions re-relaxed) plus the pre-stress terms of
+    the relaxed stress ``sigma``
+    (:func:`mdsens.observables.stress_strain_tensor`). ``B`` is what stress
+    control measures: at a state relaxed at its own box (``F = I``) the
+    compliance ``d epsilon / d sigma_t`` of :func:`at_stress` is ``B^{-1}``, and
+    ``B_iijj / dim^2 = -V dp/dV``.
+
+    ``x* = mdsens.equilibrium(cell_system, params, positions=positions, ...)``
+    first (``positions``: joint coordinates to start from, default the cell
+    system's), so ``B`` is differentiable with respect to every parameter and
+    the target, in forward and reverse mode. Failures follow ``throw`` as in
+    :func:`mdsens.observables.elastic_moduli`.
+    """
+    enthalpy = _enthalpy(cell_system, "mdsens.cell.elastic_moduli")
+    params = cell_system.params if params is None else params
+    joint = equilibrium(cell_system, params, positions=positions, minimiser=minimiser, adjoint=adjoint, throw=throw)
+    x, fixed = enthalpy.state(joint, params)
+    n = enthalpy.n
+    system = System(enthalpy.energy, fixed, x, cell_system.box, cell_system.species[:n], cell_system.dt_max)
+    c = observables.elastic_moduli(system, x, fixed, minimiser=minimiser, adjoint=adjoint, throw=throw)
+    return observables.stress_strain_tensor(c, observables.stress(system, x, fixed))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CellResult:
-    """A relaxation at fixed pressure, read by :func:`relaxed` (arrays).
+    """A relaxation at fixed pressure or stress, read by :func:`relaxed` (arrays).
 
     Attributes:
         positions: particle positions ``(N, dim)`` in the relaxed box.
         box: the relaxed box (columns are box vectors).
         fmax: largest particle force norm ``max_i |dE/dx_i|``.
-        stress_residual: ``|p_virial - p|`` (isotropic) or ``max |sigma + p I|`` (full).
+        stress: the virial stress of the relaxed state (tension positive).
+        stress_residual: ``|p_virial - p|`` (isotropic) or ``max |sigma -
+            held|`` (full), ``held`` the stress the target implies at the
+            relaxed box (:meth:`Enthalpy.held_stress`: ``-p I`` for a
+            pressure, ``-p I + F tau F^T / det F`` for a stress).
         lowest_curvature: lowest curvature of the joint Hessian with its zero
             modes (:class:`JointZeroModes`) projected out (Lanczos, from above).
         converged: the relaxation converged, ``fmax`` and ``stress_residual``
@@ -297,6 +429,7 @@ class CellResult:
     positions: Array
     box: Array
     fmax: Array
+    stress: Array
     stress_residual: Array
     lowest_curvature: Array
     converged: Array
@@ -327,20 +460,17 @@ def _relaxed(enthalpy: Enthalpy, result: RelaxResult, params: Any, fmax: float, 
     positions, fixed = enthalpy.state(joint, params)
     forces = -jax.grad(enthalpy.energy)(positions, fixed)
     dim = enthalpy.dim
-    # The virial stress (1/V) dE/d eta of a symmetric strain I + eta applied to the current state.
+    # The virial stress (1/V) dE/d eta of the symmetric strain I + eta applied to the current state.
+    strained = strained_energy(enthalpy.energy)
     eta = jnp.zeros((dim, dim), joint.dtype)
-
-    def strained(e: Array) -> Array:
-        f = jnp.eye(dim, dtype=joint.dtype) + 0.5 * (e + e.T)
-        return enthalpy.energy(positions @ f.T, fixed | {"box": f @ fixed["box"]})
-
-    stress = jax.grad(strained)(eta) / jnp.abs(jnp.linalg.det(fixed["box"]))
-    target = params["pressure"]
+    stress = jax.grad(lambda a: strained(positions, (fixed, a)))(eta) / jnp.abs(jnp.linalg.det(fixed["box"]))
     if enthalpy.mode == "isotropic":
-        residual = jnp.abs(-jnp.trace(stress) / dim - target)
+        residual = jnp.abs(-jnp.trace(stress) / dim - params["pressure"])
     else:
-        residual = jnp.max(jnp.abs(stress + target * jnp.eye(dim, dtype=joint.dtype)))
+        residual = jnp.max(jnp.abs(stress - enthalpy.held_stress(joint, params)))
     particle_fmax = max_force(forces)
     # result.converged includes the curvature certificate, with the joint zero modes.
     converged = result.converged & (particle_fmax <= fmax) & (residual <= stress_tolerance)
-    return CellResult(positions, fixed["box"], particle_fmax, residual, result.lowest_curvature, converged, result)
+    return CellResult(
+        positions, fixed["box"], particle_fmax, stress, residual, result.lowest_curvature, converged, result
+    )

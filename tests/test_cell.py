@@ -4,6 +4,7 @@ differences and the thermodynamic bulk-modulus identity."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import jax
@@ -28,11 +29,18 @@ def packing():
     return systems.soft_sphere_packing(16, dim=2, phi=0.9, neighbor_list=False)
 
 
+@pytest.fixture(scope="module")
+def full_packing(packing):
+    cs = cell.at_pressure(packing, PRESSURE, "full")
+    return cs, mdsens.relax(cs)
+
+
 @pytest.fixture(scope="module", params=["isotropic", "full"])
 def relaxed_packing(request, packing):
+    if request.param == "full":
+        return request.getfixturevalue("full_packing")
     cs = cell.at_pressure(packing, PRESSURE, request.param)
-    result = mdsens.relax(cs)
-    return cs, result
+    return cs, mdsens.relax(cs)
 
 
 def test_relaxes_to_both_tolerances(relaxed_packing, packing):
@@ -112,6 +120,124 @@ def test_bulk_modulus_is_inverse_volume_sensitivity(relaxed_packing, packing):
     )
 
 
+# A target stress tensor: -p I plus a small deviator (2 % of p: the packing is soft in shear).
+DEVIATOR = np.array([[-2e-4, 1e-4], [1e-4, 2e-4]])
+TARGET = -PRESSURE * np.eye(2) + DEVIATOR
+
+
+@pytest.fixture(scope="module")
+def stressed(packing):
+    cs = cell.at_stress(packing, TARGET)
+    # Joint forces are particle forces times F: a little below 1e-12 keeps the particles' below it.
+    return cs, mdsens.relax(cs, minimiser=mdsens.FIRE(fmax=5e-13))
+
+
+@pytest.mark.slow
+def test_hydrostatic_stress_is_at_pressure(packing, full_packing):
+    at_p, result_p = full_packing
+    at_s = cell.at_stress(packing, -PRESSURE * np.eye(2))
+
+    def probe(cs, **load):  # enthalpy, its gradient and its derivative along the load
+        tangent = _zero_tangent(cs.params, **load)
+        return jax.jit(
+            lambda j: (
+                cs.energy(j, cs.params),
+                jax.grad(cs.energy)(j, cs.params),
+                jax.jvp(lambda p: cs.energy(j, p), (cs.params,), (tangent,))[1],
+            )
+        )
+
+    probe_p, probe_s = probe(at_p, pressure=1.0), probe(at_s, stress=-np.eye(2))  # d/dsigma along -I is d/dp
+    for key in jax.random.split(jax.random.PRNGKey(0), 3):
+        joint = at_p.positions + 0.05 * jax.random.normal(key, at_p.positions.shape)
+        (h_p, g_p, d_p), (h_s, g_s, d_s) = probe_p(joint), probe_s(joint)
+        assert float(h_s) == float(h_p) and float(d_s) == pytest.approx(float(d_p), rel=1e-15)
+        np.testing.assert_allclose(g_s, g_p, rtol=1e-15, atol=1e-15)
+    result_s = mdsens.relax(at_s)
+    np.testing.assert_allclose(
+        cell.split(at_s, result_s.positions)[1], cell.split(at_p, result_p.positions)[1], atol=1e-12
+    )
+
+
+def test_stress_target_relaxes_to_held_stress(stressed, packing):
+    """The virial stress of mdsens.observables at the relaxed box satisfies the
+    stationarity identity sigma = -p I + F tau F^T / det F (computed here with numpy),
+    and so differs from the target only at first order in strain times deviator;
+    relaxing again with the relaxed box as the reference converges to the target."""
+    cs, result = stressed
+    c = cell.relaxed(cs, result)
+    assert bool(c.converged) and c.fmax <= 1e-12 and c.stress_residual <= 1e-10 and c.lowest_curvature > 0
+    positions, params = cell.fixed_box(cs, result.positions)
+    measured = np.asarray(ob.stress(packing, positions, params))
+    np.testing.assert_allclose(c.stress, measured, atol=1e-15)
+    f = np.asarray(c.box) @ np.linalg.inv(np.asarray(packing.params["box"]))
+    np.testing.assert_allclose(f, f.T, atol=1e-14)  # a symmetric stretch: no rotation
+    held = -PRESSURE * np.eye(2) + f @ DEVIATOR @ f.T / np.linalg.det(f)
+    np.testing.assert_allclose(measured, held, atol=1e-10)
+    strain = np.max(np.abs(f - np.eye(2)))
+    assert 1e-3 < strain < 0.1  # the box did move
+    mismatch = [np.max(np.abs(measured - TARGET))]
+    assert mismatch[0] <= 4 * strain * np.max(np.abs(DEVIATOR))
+    # The relaxed box as the new reference (same cell system, new params): sigma -> the target.
+    for _ in range(2):
+        params = cs.params | {"box": c.box}
+        joint = jnp.concatenate([c.positions, cs.positions[packing.n :]])
+        c = cell.relaxed(cs, mdsens.relax(cs, joint, params, minimiser=mdsens.FIRE(fmax=5e-13)), params)
+        assert bool(c.converged)
+        mismatch.append(np.max(np.abs(np.asarray(c.stress) - TARGET)))
+    assert mismatch[1] < 1e-2 * mismatch[0] and mismatch[2] < 1e-10
+
+
+@pytest.mark.slow
+def test_stress_derivatives_match_dense_and_finite_differences(stressed):
+    cs, result = stressed
+    x = result.positions
+    reference = testing.dense_reference(cs.energy, x, cs.params)
+    d_stress = np.array([[0.3, 1.0], [1.0, -0.2]])  # shear, with a hydrostatic part
+    for tangent in (_zero_tangent(cs.params, stress=d_stress), jax.tree_util.tree_map(jnp.ones_like, cs.params)):
+        _, dx, info = mdsens.equilibrium_jvp(cs, cs.params, tangent)
+        assert bool(info.solve.converged)
+        expected = (reference.J @ ravel_pytree(tangent)[0]).reshape(x.shape)
+        assert testing.relative_error(dx, expected) < 1e-9
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+    _, dparams, info = mdsens.equilibrium_vjp(cs, cs.params, cotangent)
+    assert bool(info.solve.converged)
+    assert testing.relative_error(ravel_pytree(dparams)[0], reference.J.T @ np.asarray(cotangent).reshape(-1)) < 1e-9
+
+    tangent = _zero_tangent(cs.params, stress=d_stress, epsilon=0.5)
+    _, (dx, dbox) = jax.jvp(lambda p: cell.split(cs, mdsens.equilibrium(cs, p), p), (cs.params,), (tangent,))
+    fd = [testing.finite_difference_sensitivity(cs, x, cs.params, tangent, step=h) for h in (1e-5, 2e-5)]
+    _, (fd_x, fd_box) = jax.jvp(lambda j: cell.split(cs, j), (x,), (jnp.asarray((4.0 * fd[0] - fd[1]) / 3.0),))
+    assert testing.relative_error(dbox, fd_box) < 1e-6
+    centred = lambda v: np.asarray(v) - np.mean(np.asarray(v), axis=0)  # noqa: E731
+    assert testing.relative_error(centred(dx), centred(fd_x)) < 1e-6
+
+
+@pytest.mark.slow
+def test_fixed_pressure_moduli_are_the_inverse_stress_compliance(full_packing, packing):
+    """B of cell.elastic_moduli (C plus pre-stress terms) against the implicit
+    derivative of the box with respect to a target stress, at_stress taking the
+    relaxed box as its reference (F = I): d epsilon / d sigma_t = B^-1 (Mandel form)."""
+    at_p, result = full_packing
+    b = cell.elastic_moduli(at_p, positions=result.positions)
+    positions, params = cell.fixed_box(at_p, result.positions)
+    at_s = cell.at_stress(packing.replace(positions=positions, params=params), -PRESSURE * np.eye(2))
+    basis = jnp.asarray(cell.strain_basis("full", 2))
+    box0 = params["box"]
+
+    def strain(s):
+        p = at_s.params | {"stress": at_s.params["stress"] + jnp.tensordot(s, basis, axes=1)}
+        box = cell.split(at_s, mdsens.equilibrium(at_s, p), p)[1]
+        return jnp.einsum("aij,ij->a", basis, box @ jnp.linalg.inv(box0))
+
+    compliance = jax.jacfwd(strain)(jnp.zeros(3))
+    mandel = np.einsum("aij,ijkl,bkl->ab", basis, b, basis)
+    assert testing.relative_error(np.linalg.inv(compliance), mandel) < 1e-7
+    # The pre-stress terms matter: C alone is off by O(p / B).
+    c = ob.elastic_moduli(packing, positions, params)
+    assert testing.relative_error(np.einsum("aij,ijkl,bkl->ab", basis, c, basis), mandel) > 1e-4
+
+
 # Lennard-Jones fcc at zero pressure: mdsens's cut-off pair energy summed by hand.
 CUTOFF = 2.0
 FCC = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
@@ -162,6 +288,68 @@ def test_lennard_jones_fcc_zero_pressure_lattice_constant():
     central = lambda h: (_fcc_lattice_constant(1 + h) - _fcc_lattice_constant(1 - h)) / (2 * h)  # noqa: E731
     assert float(da_dsigma) == pytest.approx((4 * central(h / 2) - central(h)) / 3, rel=1e-8)
     assert abs(float(da_depsilon)) < 1e-12  # zero pressure is invariant under scaling the energy
+
+
+# Nearest-neighbour Lennard-Jones fcc (32 atoms; the cutoff 1.45 sigma switches on at
+# 1.16, beyond the first shell, and ends before the second): every atom is an inversion
+# centre, so strain is affine and the moduli are lattice sums.
+NN_CUTOFF = 1.45
+NN_SHELL = np.array([v for v in itertools.product((-0.5, 0, 0.5), repeat=3) if np.count_nonzero(v) == 2])
+
+
+def _nn_fcc_stress(a, strain):
+    """Virial stress (tension positive) of the nearest-neighbour fcc lattice of cube edge a
+    under the affine deformation I + strain; numpy."""
+    f = np.eye(3) + strain
+    r = a * NN_SHELL @ f.T
+    d = np.linalg.norm(r, axis=1)
+    s6 = d**-6.0
+    dphi = 4 * (-12 * s6 * s6 + 6 * s6) / d
+    return 0.5 * np.einsum("n,ni,nj->ij", dphi / d, r, r) / (a**3 / 4 * np.linalg.det(f))
+
+
+def _nn_fcc_stress_strain(a, h=1e-5):
+    """B_ijkl = d sigma_ij / d eps_kl by Richardson-extrapolated central differences."""
+    b = np.zeros((3,) * 4)
+    for k, l in itertools.product(range(3), repeat=2):
+        e = np.zeros((3, 3))
+        e[k, l] += h / 2
+        e[l, k] += h / 2
+        central = [(_nn_fcc_stress(a, t * e) - _nn_fcc_stress(a, -t * e)) / (2 * t * h) for t in (1, 2)]
+        b[:, :, k, l] = (4 * central[0] - central[1]) / 3
+    return b
+
+
+@pytest.mark.slow
+def test_lennard_jones_fcc_moduli_at_fixed_pressure():
+    """At zero pressure the nearest-neighbour fcc crystal has a = 2^(2/3) sigma and
+    C11 = 72, C12 = C44 = 36 (epsilon / sigma^3), and B scales with epsilon (dB/d epsilon
+    = B); under pressure the pre-stress terms break the Cauchy relation, checked against
+    a numpy finite-difference stress-strain of the affinely strained lattice."""
+    a0 = 1.55
+    system = systems.lennard_jones(32, density=4 / a0**3, cutoff=NN_CUTOFF, neighbor_list=False)
+    grid = np.stack(np.meshgrid(*[np.arange(2)] * 3, indexing="ij"), -1).reshape(-1, 1, 3)
+    system = system.replace(positions=jnp.asarray((grid + FCC[None]).reshape(-1, 3) * a0))
+    cs = cell.at_pressure(system, 0.0)
+    cubic = np.zeros((6, 6))
+    cubic[:3, :3], cubic[3:, 3:] = 36.0 * (np.ones((3, 3)) + np.eye(3)), 36.0 * np.eye(3)
+    for pressure in (2.0, 0.0):
+        params = cs.params | {"pressure": jnp.asarray(pressure)}
+        result = mdsens.relax(cs, params=params)
+        c = cell.relaxed(cs, result, params)
+        assert bool(c.converged)
+        b = cell.elastic_moduli(cs, params, positions=result.positions)
+        a = float(c.box[0, 0]) / 2
+        if pressure:
+            np.testing.assert_allclose(b, _nn_fcc_stress_strain(a), atol=1e-9 * 72)
+            assert float(b[0, 0, 1, 1] - b[0, 1, 0, 1]) == pytest.approx(
+                2 * pressure, rel=1e-9
+            )  # not Cauchy's C12 = C44
+    assert a == pytest.approx(2 ** (2 / 3), rel=1e-13)
+    np.testing.assert_allclose(ob.to_voigt(b), cubic, atol=1e-10 * 72)
+    tangent = _zero_tangent(cs.params, epsilon=np.ones((1, 1)))
+    _, db = jax.jvp(lambda p: cell.elastic_moduli(cs, p, positions=result.positions), (cs.params,), (tangent,))
+    np.testing.assert_allclose(db, b, atol=1e-10 * 72)
 
 
 # ASE's Lennard-Jones calculator (smooth=True), reproduced exactly as a JAX energy.
@@ -231,3 +419,11 @@ def test_bad_inputs(packing):
         cell.at_pressure(systems.lennard_jones_cluster(4), 0.1)
     with pytest.raises(ValueError, match="cell system"):
         cell.split(packing, packing.positions)
+    with pytest.raises(ValueError, match="symmetric"):
+        cell.at_stress(packing, [[-0.1, 0.01], [0.0, -0.1]])
+    with pytest.raises(ValueError, match="matrix"):
+        cell.at_stress(packing, -0.1)
+    with pytest.raises(ValueError, match="neighbor"):
+        cell.at_stress(systems.soft_sphere_packing(16, dim=2, neighbor_list=True), -0.1 * np.eye(2))
+    with pytest.raises(ValueError, match="cell system"):
+        cell.elastic_moduli(packing)
