@@ -4,6 +4,7 @@ per session."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 
@@ -24,6 +25,19 @@ class Relaxed:
     name: str
     system: System
     result: RelaxResult
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """mdsens.study.run's persistent compilation cache ($MDSENS_CACHE_DIR) in a
+    folder of this session, not in the user's ~/.cache."""
+    saved = os.environ.get("MDSENS_CACHE_DIR")
+    os.environ["MDSENS_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
+    yield os.environ["MDSENS_CACHE_DIR"]
+    if saved is None:
+        del os.environ["MDSENS_CACHE_DIR"]
+    else:
+        os.environ["MDSENS_CACHE_DIR"] = saved
 
 
 @pytest.fixture(scope="session")

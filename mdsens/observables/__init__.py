@@ -28,6 +28,7 @@ and evaluates the observable at ``x*`` (:func:`relaxed_observable`).
 """
 
 from mdsens.observables.contact_network import contact_number as contact_number
+from mdsens.observables.contact_network import contact_number_and_rattlers as contact_number_and_rattlers
 from mdsens.observables.contact_network import contacts as contacts
 from mdsens.observables.contact_network import overlaps as overlaps
 from mdsens.observables.contact_network import rattlers as rattlers

@@ -8,7 +8,9 @@ named forward-mode tangents. For every sample (point x seed) it records the
 relaxed positions, the energy, the sensitivity of every position to each named
 tangent, the relaxed-energy gradient with respect to every parameter (envelope
 theorem), and every diagnostic of the relaxation and the linear solves
-(:mod:`mdsens.study.schema`)::
+(:mod:`mdsens.study.schema`). With ``[cell]`` the box relaxes too, at a
+target pressure (:mod:`mdsens.cell`), and the record has the relaxed box and
+its sensitivities; ``[observables] moduli = true`` adds the elastic moduli::
 
     from mdsens import study
     ds = study.run("data/study_example.toml", out="out/study")   # xarray.Dataset

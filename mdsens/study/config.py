@@ -52,12 +52,22 @@ Schema (every section but ``[system]`` is optional)::
 
     [sensitivities.small_diameter]   # a named forward-mode tangent of params
     diameters = [1.0, 0.0]           # scalar (broadcast) or array per param
+
+    [cell]                    # relax the box too, at a target pressure (mdsens.cell.at_pressure)
+    mode = "isotropic"        # "fixed" (default: the builder's box), "isotropic" (volume), "full" (every strain)
+    pressure = 1e-3           # the target pressure (positive: compressive); a tangent may name "pressure"
+    stress_tolerance = 1e-10  # converged: also |stress + pressure| below this (mdsens.cell.relaxed)
+    # grid or point keys cell_mode and cell_pressure vary the mode and the target per point
+
+    [observables]
+    moduli = true             # per sample: stiffness (Voigt), bulk and shear moduli (mdsens.observables)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -162,7 +172,7 @@ RELAX_METHODS = ("fire", "gradient_descent")
 SOLVERS = ("cg", "minres", "bicgstab", "dense")
 ZERO_MODES = ("auto", "none")
 
-SECTIONS = ("study", "system", "grid", "points", "relax", "solve", "sensitivities")
+SECTIONS = ("study", "system", "grid", "points", "relax", "solve", "sensitivities", "cell", "observables")
 STUDY_KEYS = {"description": "str", "seeds": "seeds", "chunk_size": "positive_int", "schedule": SCHEDULES}
 RELAX_KEYS = {"method": RELAX_METHODS, "fmax": "positive", "max_steps": "positive_int", "dt_max": "positive"}
 SOLVE_KEYS = {
@@ -173,11 +183,20 @@ SOLVE_KEYS = {
     "rcond": "positive",
     "zero_modes": ZERO_MODES,
 }
+# [cell]: fixed-pressure equilibria (mdsens.cell). "fixed" keeps each system's box.
+CELL_MODES = ("fixed", "isotropic", "full")
+CELL_KEYS = {"mode": CELL_MODES, "pressure": FLOAT, "stress_tolerance": "positive"}
+#: Grid and point keys that vary ``[cell]`` per point (not builder arguments).
+CELL_POINT_KEYS: dict[str, Any] = {"cell_mode": CELL_MODES[1:], "cell_pressure": FLOAT}
+OBSERVABLES_KEYS = {"moduli": BOOL}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "study": {"description": "", "seeds": [0], "chunk_size": 32, "schedule": "inflight"},
     "relax": {"method": "fire", "fmax": 1e-12, "max_steps": 100_000},
     # Tolerances left out here take the defaults of the solver values (mdsens.CG...).
     "solve": {"solver": "cg", "zero_modes": "auto"},
+    # mdsens.cell.STRESS_TOLERANCE (tests/test_study_cell.py checks it).
+    "cell": {"mode": "fixed", "stress_tolerance": 1e-10},
+    "observables": {"moduli": False},
 }
 
 
@@ -329,6 +348,8 @@ class StudyConfig:
         seeds, chunk_size, schedule, description: from ``[study]``.
         relax, solve: options with defaults filled in.
         sensitivities: tangent name -> {param name: number or nested list}.
+        cell: ``[cell]`` with defaults: ``mode``, ``stress_tolerance`` and the target ``pressure`` if given.
+        observables: ``[observables]`` with defaults (``moduli``).
         source: where it was read from (for messages).
         text: the TOML text it was parsed from, if any.
         origin: where the systems come from: ``"builder"`` (:mod:`mdsens.systems`),
@@ -353,6 +374,8 @@ class StudyConfig:
     relax: dict[str, Any]
     solve: dict[str, Any]
     sensitivities: dict[str, dict[str, Any]]
+    cell: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULTS["cell"]))
+    observables: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULTS["observables"]))
     source: str = dataclasses.field(default="", compare=False)
     text: str | None = dataclasses.field(default=None, compare=False)
     origin: str = "builder"
@@ -363,6 +386,31 @@ class StudyConfig:
     def point_args(self) -> list[dict[str, Any]]:
         """Builder arguments of every point (``[system]`` overlaid with the grid
         combination or the listed point), in study order."""
+        return [{k: v for k, v in values.items() if k not in CELL_POINT_KEYS} for values in self.point_values()]
+
+    def point_cells(self) -> list[dict[str, Any]]:
+        """``{"mode", "pressure"}`` of every point: ``[cell]`` overlaid with the
+        point's ``cell_mode`` and ``cell_pressure`` (pressure None: not given)."""
+        return [
+            {
+                "mode": v.get("cell_mode", self.cell["mode"]),
+                "pressure": v.get("cell_pressure", self.cell.get("pressure")),
+            }
+            for v in self.point_values()
+        ]
+
+    @functools.cached_property
+    def at_pressure(self) -> bool:
+        """The boxes relax at a target pressure (``[cell]`` mode other than ``"fixed"``)."""
+        return any(c["mode"] != "fixed" for c in self.point_cells())
+
+    def point_values(self) -> list[dict[str, Any]]:
+        """Every point's values: its builder arguments and its ``cell_*`` keys
+        (computed once: do not change them)."""
+        return self._point_values
+
+    @functools.cached_property
+    def _point_values(self) -> list[dict[str, Any]]:
         if self.grid:
             names = list(self.grid)
             combos = itertools.product(*(self.grid[name] for name in names))
@@ -409,6 +457,11 @@ class StudyConfig:
             data["points"] = [dict(p) for p in self.points]
         if self.sensitivities:
             data["sensitivities"] = {k: dict(v) for k, v in self.sensitivities.items()}
+        # Only when used: the digests of studies without them stay as they were.
+        if self.at_pressure:
+            data["cell"] = dict(self.cell)
+        if self.observables != DEFAULTS["observables"]:
+            data["observables"] = dict(self.observables)
         return data
 
     def canonical_json(self) -> str:
@@ -445,8 +498,8 @@ def _check_point_name(source: str, key: str, name: str, kinds: dict[str, Any] | 
         raise _fail(source, key, "seeds are set by study.seeds, not per point.")
     if name in ("builder", "potential"):
         raise _fail(source, key, f"the {name} cannot vary within a study; run one study per {name}.")
-    if kinds is not None and name not in kinds:
-        raise _unknown(source, key, kinds)
+    if kinds is not None and name not in kinds and name not in CELL_POINT_KEYS:
+        raise _unknown(source, key, [*kinds, *CELL_POINT_KEYS])
 
 
 def _kind_of(source: str, key: str, value: Any) -> str:
@@ -474,6 +527,8 @@ def _argument(source: str, key: str, value: Any, kind: Any) -> Any:
 
 
 def _point_override(source: str, key: str, name: str, value: Any, kinds: dict[str, Any] | None) -> Any:
+    if name in CELL_POINT_KEYS:
+        return _check_value(source, key, CELL_POINT_KEYS[name], value)
     _check_point_name(source, key, name, kinds)
     return _argument(source, key, value, None if kinds is None else kinds[name])
 
@@ -602,6 +657,8 @@ def parse_config(
     for name, value in list(system.items()):
         if name == "seed":
             raise _fail(source, "system.seed", "seeds are set by study.seeds.")
+        if name in CELL_POINT_KEYS:
+            raise _fail(source, f"system.{name}", f"set [cell] {name[5:]}, or vary {name} in [grid] or [[points]].")
         if kinds is not None and name not in kinds:
             raise _unknown(source, f"system.{name}", kinds)
         system[name] = _argument(source, f"system.{name}", value, None if kinds is None else kinds[name])
@@ -657,7 +714,8 @@ def parse_config(
         if missing or not points:
             raise _fail(source, (missing or ["system.file"])[0], "missing: the configuration file to read.")
     if origin == "python":
-        kinds = _python_kinds(source, system, varied)
+        kinds = _python_kinds(source, system, {k: v for k, v in varied.items() if k not in CELL_POINT_KEYS})
+    kinds = {**(kinds or {}), **{name: kind for name, kind in CELL_POINT_KEYS.items() if name in varied}}
     base_dim = system.get("dim", DEFAULT_DIM.get(builder, 3))
     dims = set(grid["dim"]) if grid and "dim" in grid else {p.get("dim", base_dim) for p in points or [{}]}
     if len(dims) > 1:
@@ -670,6 +728,13 @@ def parse_config(
         raise _fail(source, "solve.rcond", "applies to solver = 'dense' only.")
     if "max_iter" in solve and solve["solver"] == "dense":
         raise _fail(source, "solve.max_iter", "does not apply to solver = 'dense'.")
+    cell = _options(source, "cell", data.get("cell", {}), CELL_KEYS)
+    observables = _options(source, "observables", data.get("observables", {}), OBSERVABLES_KEYS)
+    if grid:
+        modes = set(grid.get("cell_mode", [cell["mode"]]))
+    else:
+        modes = {p.get("cell_mode", cell["mode"]) for p in points or [{}]}
+    at_pressure = modes != {"fixed"}
 
     digests = {}
     root = pathlib.Path.cwd() if root is None else pathlib.Path(root)
@@ -688,6 +753,8 @@ def parse_config(
     table = _check_table(source, "sensitivities", data.get("sensitivities", {}))
     # Your builder's params are known once it has built a system (mdsens.study.sources checks them then).
     allowed = {"builder": BUILDER_PARAMS, "file": POTENTIAL_PARAMS}.get(origin, {}).get(builder)
+    if allowed is not None and at_pressure:
+        allowed = (*allowed, "pressure")
     for name, tangent in table.items():
         key = f"sensitivities.{name}"
         tangent = _check_table(source, key, tangent)
@@ -706,7 +773,7 @@ def parse_config(
             entries[param] = _tangent_value(source, f"{key}.{param}", value)
         sensitivities[name] = entries
 
-    return StudyConfig(
+    config = StudyConfig(
         builder=builder,
         system=system,
         grid=grid,
@@ -722,9 +789,53 @@ def parse_config(
         text=text,
         origin=origin,
         digests=digests,
-        kinds=kinds or {},
+        kinds=kinds,
         root=root,
+        cell=cell,
+        observables=observables,
     )
+    _check_cell(config, data.get("cell", {}), modes)
+    if observables["moduli"] and origin == "builder" and "box" not in BUILDER_PARAMS[builder]:
+        raise _fail(source, "observables.moduli", f"{builder} has no periodic box: elastic moduli need one.")
+    return config
+
+
+def _check_cell(config: StudyConfig, given: Mapping[str, Any], modes: set[str]) -> None:
+    """A study relaxes the box of every point or of none, at a target pressure
+    given for every point, with an all-pairs energy and a periodic box."""
+    source = config.source
+    varied = config.varied
+    if "fixed" in modes:
+        if len(modes) > 1:
+            where = "grid.cell_mode" if "cell_mode" in (config.grid or {}) else "cell.mode"
+            raise _fail(source, where, "every point relaxes its box or none: give cell_mode for every point.")
+        for name in ("pressure", "stress_tolerance"):
+            if name in given or f"cell_{name}" in varied:
+                key = f"cell.{name}" if name in given else _varied_key(config, f"cell_{name}")
+                raise _fail(source, key, "applies to [cell] mode = 'isotropic' or 'full' only.")
+        return
+    missing = [i for i, c in enumerate(config.point_cells()) if c["pressure"] is None]
+    if missing:
+        where = f"points[{missing[0]}].cell_pressure" if config.points else "cell.pressure"
+        raise _fail(source, where, "missing: the target pressure of a relaxing box (positive: compressive).")
+    if config.origin == "builder" and "box" not in BUILDER_PARAMS[config.builder]:
+        raise _fail(source, "cell.mode", f"{config.builder} has no periodic box to relax.")
+    for args in config.point_args():
+        if args.get("neighbor_list"):
+            key = "system.neighbor_list" if "neighbor_list" in config.system else _varied_key(config, "neighbor_list")
+            raise _fail(
+                source,
+                key,
+                "a relaxing box needs an all-pairs energy (mdsens.cell.at_pressure: a neighbor list needs an "
+                "upper-triangular box, which the relaxing box does not keep); set neighbor_list = false.",
+            )
+
+
+def _varied_key(config: StudyConfig, name: str) -> str:
+    if config.grid:
+        return f"grid.{name}"
+    index = next(i for i, p in enumerate(config.points or []) if name in p)
+    return f"points[{index}].{name}"
 
 
 def _python_kinds(

@@ -9,7 +9,9 @@ per-particle array ``dx_s`` (extended XYZ through :func:`mdsens.io.write_extxyz`
 exact in float64; GSD through :func:`mdsens.io.write_gsd`, positions in float32
 and the fields in float64). The system is rebuilt from the study's
 configuration (its builder, your builder, or its file and potential), so the
-forces are computed with the study's energy and parameters.
+forces are computed with the study's energy and parameters. At fixed
+pressure (``[cell]``) the box written is the relaxed one (``box``), and the
+fields are the sensitivities of the positions in the relaxing box.
 """
 
 from __future__ import annotations
@@ -110,4 +112,7 @@ def export(
             RuntimeWarning,
             stacklevel=2,
         )
-    WRITERS[suffix](path, system, sample["positions"].values[:n], arrays=arrays, **options)
+    params = dict(system.params)
+    if "box" in sample:  # at fixed pressure: the relaxed box, not the reference box of the start
+        params["box"] = sample["box"].values
+    WRITERS[suffix](path, system, sample["positions"].values[:n], params, arrays=arrays, **options)

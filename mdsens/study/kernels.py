@@ -17,6 +17,13 @@ rule:
   the relaxed-energy gradients (:func:`mdsens.energy_sensitivity`), the zero
   modes and the physics, as the record of :mod:`mdsens.study.schema`.
 
+At fixed pressure (``[cell]``) the slots hold joint coordinates of
+:func:`mdsens.cell.at_pressure` (particles and strain, the enthalpy
+``H = E + p V`` minimised over both); ``post`` reads them as the relaxed
+positions and box (:func:`mdsens.cell.relaxed`, :func:`mdsens.cell.fixed_box`)
+and maps the joint sensitivities to those of the positions, the box and the
+packing fraction (:func:`at_pressure_record`).
+
 The slots of a device run one after another (``lax.map``, an empty slot costs
 nothing), and so do a sample's sensitivity solves, not vectorised: XLA's
 vectorised reductions round differently depending on a member's position in
@@ -31,33 +38,55 @@ function once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from mdsens import observables
+from mdsens import cell, observables
+from mdsens._results import Status
 from mdsens.adjoints import Implicit
 from mdsens.equilibria import energy_sensitivity, sensitivity_at
-from mdsens.relaxation import iterate, outcome, start
+from mdsens.minimisers import Minimiser
+from mdsens.relaxation import RelaxResult, iterate, outcome, start
 from mdsens.study import schema
 from mdsens.study.plan import Group, Plan
 from mdsens.systems import FunctionEnergy, System
 
 
 class Kernels:
-    """The compiled functions of one energy structure and adjoint."""
+    """The compiled functions of one energy structure and adjoint.
 
-    def __init__(self, system: System, adjoint: Implicit, mesh: Mesh):
+    ``mode`` other than ``"fixed"``: the box relaxes at the samples' target
+    pressure, and a sample converges when also its particle forces are within
+    ``fmax`` and its stress residual within ``stress_tolerance``
+    (:func:`mdsens.cell.relaxed`). ``moduli``: record the elastic moduli."""
+
+    def __init__(
+        self,
+        system: System,
+        adjoint: Implicit,
+        mesh: Mesh,
+        *,
+        mode: str = "fixed",
+        fmax: float = cell.FORCE_TOLERANCE,
+        stress_tolerance: float = cell.STRESS_TOLERANCE,
+        moduli: bool = False,
+    ):
         if not system.neighbor_list:
             # One trace of the (jax-md) all-pairs energy, jitted, serves every
             # transformation of it. A neighbor-list energy is used as it is:
             # its list is the minimiser state's aux.
             system = system.replace(energy=FunctionEnergy(jax.jit(system.energy)))
-        self.system = system
+        self.fixed = system  # at fixed box: what the observables take
+        self.system = system if mode == "fixed" else cell.at_pressure(system, 0.0, mode)  # what relaxes
+        self.cell = None if mode == "fixed" else (fmax, stress_tolerance)
+        self.moduli = moduli
         self.adjoint = adjoint
         self.mesh = mesh
         self.advance = self._sharded(self._local_advance, n_batched=3, donate=(0,))
@@ -107,13 +136,25 @@ class Kernels:
         def record(s, p):
             result, aux = outcome(system.energy, minimiser, p, s)
             x = result.positions
-            grads = energy_sensitivity(system, x, p)
+            grads = energy_sensitivity(system, x, p)  # at fixed pressure: dH*/dtheta
             n_zero_modes = adjoint.modes(system.energy.bind(aux), x, p).n_modes
-            state = physics(system, x, p)
+            extra: dict[str, jax.Array] = {}
+            if self.cell is not None:
+                result, extra = at_pressure_record(self.fixed, system, result, p, *self.cell)
+                # The unused entries of the cell rows are zero modes of the joint Hessian, but not of the packing.
+                n_zero_modes = n_zero_modes - (x.shape[0] - self.fixed.n) * self.fixed.dim + system.energy.fn.n_strains
+            fixed_x, fixed_p = (x, p) if self.cell is None else cell.fixed_box(system, x, p)
+            state = physics(self.fixed, fixed_x, fixed_p) | extra
+            if self.moduli:
+                state |= moduli(self.fixed, fixed_x, fixed_p, minimiser, adjoint)
             if not n_tangents:
                 return schema.sample_record(result, n_zero_modes, grads, p, physics=state)
             dx, info = jax.lax.map(lambda t: sensitivity_at(system, x, p, t, adjoint=adjoint), tangents)
             de = sum(jnp.tensordot(tangents[name], grads[name], axes=grads[name].ndim) for name in grads)
+            if self.cell is not None:
+                moved = jax.lax.map(lambda a: at_pressure_sensitivity(system, x, p, *a), (dx, tangents))
+                dx = moved.pop("position_sensitivity")
+                state |= moved
             return schema.sample_record(
                 result,
                 n_zero_modes,
@@ -154,13 +195,72 @@ def physics(system: System, x: jax.Array, params: dict) -> dict[str, jax.Array]:
             number_density=system.n / observables.volume(params),
         )
     if "diameters" in params:
-        contact_matrix = observables.contacts(system, x, params)
+        z, rattlers = observables.contact_number_and_rattlers(system, x, params)  # no N x N array
         values.update(
-            contact_number=observables.contact_number(system, x, params),
-            n_rattlers=jnp.sum(observables.rattlers(contact_matrix, system.dim)).astype(jnp.int32),
+            contact_number=z,
+            n_rattlers=jnp.sum(rattlers).astype(jnp.int32),
             size_ratio=jnp.max(params["diameters"]) / jnp.min(params["diameters"]),
         )
     return values
+
+
+def at_pressure_record(
+    fixed: System, cell_system: System, result: RelaxResult, params: dict, fmax: float, stress_tolerance: float
+) -> tuple[RelaxResult, dict[str, jax.Array]]:
+    """A relaxation of joint coordinates read as the record of a fixed-box one
+    (positions in the relaxed box, the energy E; converged only within both
+    tolerances of :func:`mdsens.cell.relaxed`, else ``Status.not_converged``
+    if the joint relaxation itself converged), and what only it has: the
+    enthalpy, the relaxed box, volume and packing fraction, the particle
+    forces and the stress residual."""
+    relaxed = cell.relaxed(cell_system, result, params, fmax=fmax, stress_tolerance=stress_tolerance)
+    x, fixed_params = cell.fixed_box(cell_system, result.positions, params)
+    status = jnp.where(result.converged & ~relaxed.converged, Status.not_converged, result.status)
+    summary = dataclasses.replace(
+        result,
+        positions=x,
+        energy=fixed.energy(x, fixed_params),
+        converged=relaxed.converged,
+        status=status.astype(result.status.dtype),
+    )
+    values = {
+        "enthalpy": result.energy,
+        "box": relaxed.box,
+        "volume": cell.volume(cell_system, result.positions, params),
+        "relax_particle_fmax": relaxed.fmax,
+        "relax_stress_residual": relaxed.stress_residual,
+    }
+    if "diameters" in params:
+        values["packing_fraction"] = cell.packing_fraction(cell_system, result.positions, params)
+    return summary, values
+
+
+def at_pressure_sensitivity(cell_system: System, joint: jax.Array, params: dict, djoint: jax.Array, tangent: dict):
+    """A joint sensitivity ``(dq*, d eps*)`` along ``tangent`` as those of the
+    positions in the relaxed box, the box and the packing fraction (the
+    derivative of :func:`mdsens.cell.split` and :func:`mdsens.cell.packing_fraction`)."""
+
+    def state(j: jax.Array, q: dict) -> dict[str, jax.Array]:
+        x, box = cell.split(cell_system, j, q)
+        values = {"position_sensitivity": x, "box_sensitivity": box}
+        if "diameters" in q:
+            values["packing_fraction_sensitivity"] = cell.packing_fraction(cell_system, j, q)
+        return values
+
+    return jax.jvp(state, (joint, params), (djoint, tangent))[1]
+
+
+def moduli(system: System, x: jax.Array, params: dict, minimiser: Minimiser, adjoint: Implicit) -> dict:
+    """The elastic moduli of the relaxed state (:func:`mdsens.observables.elastic_response`):
+    the stiffness ``C`` in Voigt form, the bulk and shear moduli with the
+    pre-stress terms (:func:`mdsens.observables.isotropic_moduli` with the stress)."""
+    response = observables.elastic_response(system, x, params, minimiser=minimiser, adjoint=adjoint)
+    return {
+        "stiffness": response.voigt(),
+        "bulk_modulus": response.bulk_modulus,
+        "shear_modulus": response.shear_modulus,
+        "moduli_converged": response.ok,
+    }
 
 
 _KERNELS: dict[tuple, Kernels] = {}
@@ -171,9 +271,16 @@ def kernels(plan: Plan, group: Group, mesh: Mesh) -> Kernels:
     (e.g. from a notebook) when the energy structure and adjoint agree: the
     energy of an earlier, structurally equal system computes the same. The
     minimiser is an argument, so other tolerances compile nothing new."""
-    key: tuple[Any, ...] = (plan.config.builder, group.structure, plan.adjoint, mesh)
+    options: dict[str, Any] = {"moduli": plan.config.observables["moduli"]}
+    if group.mode != "fixed":
+        # The tolerances are static in mdsens.cell.relaxed, and the cell rows sit where the first box puts them.
+        options.update(
+            mode=group.mode, fmax=group.minimiser.fmax, stress_tolerance=plan.config.cell["stress_tolerance"]
+        )
+    box = np.asarray(group.system.params["box"]).tobytes() if group.mode != "fixed" else None
+    key: tuple[Any, ...] = (plan.config.builder, group.structure, plan.adjoint, mesh, box, *sorted(options.items()))
     if key not in _KERNELS:
         while len(_KERNELS) >= 16:
             _KERNELS.pop(next(iter(_KERNELS)))
-        _KERNELS[key] = Kernels(group.system, plan.adjoint, mesh)
+        _KERNELS[key] = Kernels(group.system, plan.adjoint, mesh, **options)
     return _KERNELS[key]

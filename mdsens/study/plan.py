@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mdsens import cell
 from mdsens.adjoints import Implicit
 from mdsens.linear_solve import CG, MINRES, BiCGSTAB, Dense
 from mdsens.minimisers import FIRE, GradientDescent, Minimiser
@@ -39,6 +40,13 @@ class Group:
     tangents: dict[str, np.ndarray]  # param name -> (K, *shape) tangents of the named sensitivities
     structure: tuple = ()
     capacity: tuple[int, int] | None = None  # neighbor lists: pairs and particles per cell of every sample
+    mode: str = "fixed"  # [cell] mode: "fixed", or the box relaxes ("isotropic", "full")
+
+    @property
+    def at_pressure(self) -> System | None:
+        """The group's system with a relaxing box (:func:`mdsens.cell.at_pressure`,
+        joint coordinates; params with ``"pressure"``), None at fixed box."""
+        return None if self.mode == "fixed" else cell.at_pressure(self.system, 0.0, self.mode)
 
     @property
     def n(self) -> int:
@@ -77,6 +85,7 @@ class Plan:
         config = as_config(config)
         relax_with, solve_with = minimiser(config), adjoint(config)
         point_args = config.point_args()
+        modes = [c["mode"] for c in config.point_cells()]
         n_seeds = len(config.seeds)
         groups: list[Group] = []
         by_structure: dict[tuple, int] = {}
@@ -86,10 +95,12 @@ class Plan:
             key = _point_key(config, i, args)
             system = build_system(config, args, config.seeds[0], key)
             systems_built[i * n_seeds] = system
-            structure = _structure(config, args, system)
+            _check_observables(config, key, system, modes[i])
+            structure = (*_structure(config, args, system), modes[i])
             if structure not in by_structure:
                 by_structure[structure] = len(groups)
-                shapes = {k: tuple(np.shape(v)) for k, v in system.params.items()}
+                params = system.params if modes[i] == "fixed" else cell.at_pressure(system, 0.0, modes[i]).params
+                shapes = {k: tuple(np.shape(v)) for k, v in params.items()}
                 groups.append(
                     Group(
                         len(groups),
@@ -97,8 +108,9 @@ class Plan:
                         system,
                         check_minimiser(relax_with, system),
                         shapes,
-                        _tangents(config, system.params, key),
+                        _tangents(config, params, key),
                         structure,
+                        mode=modes[i],
                     )
                 )
             group = groups[by_structure[structure]]
@@ -146,7 +158,8 @@ class Plan:
 def _point_key(config: StudyConfig, index: int, args: Mapping[str, Any]) -> str:
     if config.points:
         return f"points[{index}]"
-    varied = ", ".join(f"{k}={args[k]!r}" for k in config.varied)
+    values = config.point_values()[index]
+    varied = ", ".join(f"{k}={values[k]!r}" for k in config.varied)
     return f"grid point {index} ({varied})" if varied else "system"
 
 
@@ -172,6 +185,18 @@ def adjoint(config: StudyConfig) -> Implicit:
         return Implicit(solver=solver(**options), zero_modes="auto" if zero_modes == "auto" else None)
     except ValueError as error:
         raise _fail(config, "solve", str(error)) from None
+
+
+def _check_observables(config: StudyConfig, key: str, system: System, mode: str) -> None:
+    """A relaxing box needs an all-pairs energy and a periodic box (as
+    :func:`mdsens.cell.at_pressure` says), the moduli a periodic box."""
+    if mode != "fixed":
+        try:
+            cell.at_pressure(system, 0.0, mode)
+        except ValueError as error:
+            raise _fail(config, key, f"[cell] mode = {mode!r}: {error}") from None
+    if config.observables["moduli"] and (system.box is None or "box" not in system.params):
+        raise _fail(config, key, "[observables] moduli: the system has no periodic box; elastic moduli need one.")
 
 
 def _structure(config: StudyConfig, args: Mapping[str, Any], system: Any) -> tuple:
@@ -246,12 +271,20 @@ def build_sample(plan: Plan, sample: int) -> System:
 
 
 def sample_inputs(plan: Plan, group: Group, samples: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Host arrays of the given samples of a group: positions and params, stacked."""
+    """Host arrays of the given samples of a group: positions and params,
+    stacked. At fixed pressure, joint coordinates (the group's cell rows after
+    the particles: zero strain) and params with the point's target ``"pressure"``."""
     positions, params = [], []
+    joint = group.at_pressure
+    cells = plan.config.point_cells() if joint is not None else []
     for sample in samples:
         system = build_sample(plan, int(sample))
         if system.positions.shape != group.system.positions.shape:
             raise StudyError(f"internal error: sample {sample} does not have its group's shape")
-        positions.append(np.asarray(system.positions))
-        params.append({k: np.asarray(v) for k, v in system.params.items()})
+        x, p = np.asarray(system.positions), {k: np.asarray(v) for k, v in system.params.items()}
+        if joint is not None:
+            x = np.concatenate([x, np.asarray(joint.positions[group.n :])])
+            p["pressure"] = np.asarray(cells[plan.sample(int(sample))[0]]["pressure"], np.float64)
+        positions.append(x)
+        params.append(p)
     return np.stack(positions), {k: np.stack([p[k] for p in params]) for k in params[0]}

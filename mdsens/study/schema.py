@@ -21,6 +21,8 @@ from mdsens._results import Status
 from mdsens.study import config as sc
 
 SPATIAL = ("x", "y", "z")
+#: Labels of the Voigt pairs (mdsens.observables.to_voigt), by dimension.
+VOIGT = {2: ("xx", "yy", "xy"), 3: ("xx", "yy", "zz", "yz", "xz", "xy")}
 ENERGY_GRAD, PARAM = "energy_grad_", "param_"  # prefixes of the per-parameter variables
 
 
@@ -33,6 +35,7 @@ class Variable:
     dims: tuple[str, ...]
     description: str
     source: str = ""
+    units: str = ""  # in the system's units of length and energy ("1": dimensionless)
 
 
 def _status(what: str) -> str:
@@ -84,7 +87,71 @@ VARIABLES: dict[str, Variable] = {
     "contact_number": Variable((), "mean contacts per particle z = 2 N_c / N' among non-rattlers"),
     "n_rattlers": Variable((), "particles with fewer than dim + 1 contacts, removed recursively"),
     "size_ratio": Variable((), "largest over smallest diameter"),
+    # At fixed pressure ([cell]): the box relaxes with the particles (mdsens.cell.at_pressure).
+    "enthalpy": Variable((), "relaxed enthalpy H* = E* + p V* at the target pressure p", units="energy"),
+    "box": Variable(
+        ("spatial", "spatial_b"),
+        "relaxed box at the target pressure (columns are the box vectors); param_box is the reference box "
+        "it started from",
+        units="length",
+    ),
+    "volume": Variable((), "volume (area in 2D) of the relaxed box", units="length^dim"),
+    "packing_fraction": Variable((), "packing fraction of the spheres in the relaxed box", units="1"),
+    "relax_particle_fmax": Variable((), "largest per-particle force norm |dE/dx| at (x*, box*)", units="energy/length"),
+    "relax_stress_residual": Variable(
+        (),
+        "stress residual: |p_virial - p| (cell mode isotropic) or max |stress + p I| (full); converged needs "
+        "it <= cell.stress_tolerance",
+        units="energy/length^dim",
+    ),
+    "box_sensitivity": Variable(
+        ("sensitivity", "spatial", "spatial_b"),
+        "d box*/dtheta along each named tangent: the relaxed box's response (columns: box vectors)",
+        units="length per unit tangent",
+    ),
+    "packing_fraction_sensitivity": Variable(
+        ("sensitivity",), "d phi*/dtheta of the packing fraction in the relaxed box along each named tangent"
+    ),
+    # [observables] moduli = true (mdsens.observables.elastic_response at the relaxed state).
+    "stiffness": Variable(
+        ("voigt", "voigt_b"),
+        "stiffness tensor C = (1/V) d^2E*/d eps d eps (F = I + eps, non-affine relaxation included) in Voigt "
+        "form; without the pre-stress terms (mdsens.observables.stress_strain_tensor adds them)",
+        units="energy/length^dim",
+    ),
+    "bulk_modulus": Variable(
+        (),
+        "bulk modulus -V dp/dV, pre-stress terms included (mdsens.observables.isotropic_moduli)",
+        units="energy/length^dim",
+    ),
+    "shear_modulus": Variable(
+        (),
+        "orientation-averaged shear modulus d sigma_xy/d gamma, pre-stress terms included",
+        units="energy/length^dim",
+    ),
+    "moduli_converged": Variable((), "the moduli's relaxation and linear solves converged, with no negative curvature"),
 }
+#: Other descriptions at fixed pressure ([cell] mode isotropic or full).
+AT_PRESSURE = {
+    "positions": "relaxed positions x* in the relaxed box (not wrapped into it)",
+    "energy": "energy E(x*, box*) of the relaxed state (the enthalpy is `enthalpy`)",
+    "relax_converged": (
+        "the joint relaxation of positions and box reached relax.fmax, and at (x*, box*) the particle forces are "
+        "within relax.fmax and the stress residual within cell.stress_tolerance"
+    ),
+    "relax_fmax": "largest force norm of the joint coordinates (particle rows and cell rows, FIRE's fmax)",
+    "relax_status": _status("relaxation")
+    + "; not_converged: the joint relaxation converged, the particle forces or the stress residual did not",
+    "relax_lowest_curvature": "lowest curvature of the enthalpy's Hessian in the joint coordinates, zero modes "
+    "projected out (Lanczos)",
+    "n_zero_modes": "zero modes projected out of the joint Hessian (rattler coordinates + translations)",
+    "position_sensitivity": (
+        "dx*/dtheta of the positions in the relaxed box (the box's affine motion included) along each named "
+        "tangent; minimum-norm in the joint coordinates"
+    ),
+    "energy_sensitivity": "dH*/dtheta of the enthalpy H = E + p V along each named tangent (envelope theorem)",
+}
+
 STATUS_VARIABLES = ("relax_status", "solve_status")
 
 # Variables of the assembled dataset that are not per sample (full dims).
@@ -144,13 +211,27 @@ def param_dims(name: str, ndim: int, per_particle: bool) -> list[str]:
     return [f"{name}_axis{k}" for k in range(ndim)]
 
 
-def attributes(name: str) -> dict[str, Any]:
-    """Description (and status flags) of a record variable."""
+def attributes(name: str, at_pressure: bool = False) -> dict[str, Any]:
+    """Description, units if known (and status flags) of a record variable;
+    ``at_pressure``: of a study whose boxes relax (:data:`AT_PRESSURE`)."""
     if name in VARIABLES:
-        attrs: dict[str, Any] = {"description": VARIABLES[name].description}
+        variable = VARIABLES[name]
+        description = AT_PRESSURE.get(name, variable.description) if at_pressure else variable.description
+        attrs: dict[str, Any] = {"description": description}
+        if variable.units:
+            attrs["units"] = variable.units
     elif name.startswith(ENERGY_GRAD):
         parameter = name[len(ENERGY_GRAD) :]
-        attrs = {"description": f"dE*/d{parameter} at x* (envelope theorem), every entry of the parameter"}
+        if at_pressure:
+            what = " (= V*)" if parameter == "pressure" else ""
+            where = "(x*, box*), H = E + p V the enthalpy" + (", box the reference box" if parameter == "box" else "")
+            attrs = {"description": f"dH*/d{parameter}{what} at {where} (envelope theorem), every entry"}
+        else:
+            attrs = {"description": f"dE*/d{parameter} at x* (envelope theorem), every entry of the parameter"}
+    elif name == PARAM + "pressure" and at_pressure:
+        attrs = {"description": "the target pressure p of the relaxing box (positive: compressive)"}
+    elif name == PARAM + "box" and at_pressure:
+        attrs = {"description": "the reference box the relaxation started from (the relaxed one is `box`)"}
     elif name.startswith(PARAM):
         attrs = {"description": f"value of the parameter {name[len(PARAM) :]!r} of the sample's system"}
     else:
@@ -187,6 +268,7 @@ class Layout:
     chunks: list[dict[str, Any]]  # {"group", "samples"}
     coords: dict[str, dict[str, Any]]  # varied builder arguments: {"dims", "values"}
     sizes: dict[str, int]
+    at_pressure: bool = False  # the boxes relax ([cell]); in the JSON only if True
 
     @classmethod
     def from_plan(cls, plan: Any) -> Layout:
@@ -215,8 +297,9 @@ class Layout:
                         n_species = max(n_species, size)
         coords = {}
         kinds = config.kinds
+        point_values = config.point_values()
         for name in config.varied:
-            values = [args.get(name) for args in plan.point_args]
+            values = [args.get(name) for args in point_values]
             kind = kinds[name]
             if any(v is None for v in values):  # [[points]] that leave it at the builder's default
                 coords[name] = {"dims": ["point"], "values": [json.dumps(v) for v in values]}
@@ -241,6 +324,8 @@ class Layout:
             "species_b": n_species,
             "sensitivity": len(config.sensitivities),
         }
+        if config.observables["moduli"]:
+            sizes["voigt"] = sizes["voigt_b"] = len(VOIGT[dim])
         return cls(
             seeds=list(config.seeds),
             sensitivities=list(config.sensitivities),
@@ -252,10 +337,14 @@ class Layout:
             chunks=[{"group": c.group, "samples": c.samples.tolist()} for c in plan.chunks],
             coords=coords,
             sizes=sizes,
+            at_pressure=config.at_pressure,
         )
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.at_pressure:  # the manifests of fixed-box studies stay as they were
+            del data["at_pressure"]
+        return data
 
     def dims(self, name: str, group: int) -> tuple[str, ...]:
         """Dims of a record variable of the given group's samples."""

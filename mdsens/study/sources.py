@@ -39,7 +39,7 @@ def build_system(config: StudyConfig, args: Mapping[str, Any], seed: int, key: s
         raise _fail(config.source, key, f"studies need params as a dict of arrays; got {type(system.params).__name__}.")
     for name, tangent in config.sensitivities.items():
         for param in tangent:
-            if param not in system.params:
+            if param not in system.params and not (param == "pressure" and config.at_pressure):
                 raise _fail(
                     config.source,
                     f"sensitivities.{name}.{param}",

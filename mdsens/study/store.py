@@ -144,7 +144,16 @@ def manifest(config: sc.StudyConfig, layout: Layout) -> dict[str, Any]:
 
 #: What a failed relaxation keeps as computed: where it stopped (positions,
 #: energy), why (the diagnostics), and what depends on the parameters alone.
-KEPT_ON_FAILURE = ("positions", "energy", "number_density", "size_ratio")
+KEPT_ON_FAILURE = (
+    "positions",
+    "energy",
+    "number_density",
+    "size_ratio",
+    "enthalpy",
+    "box",
+    "volume",
+    "packing_fraction",
+)
 KEPT_ON_FAILURE_PREFIXES = ("relax_", "solve_", schema.PARAM)
 
 
@@ -153,14 +162,20 @@ def failure_policy(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     state replaced by NaN (-1 for counts): for samples whose relaxation failed,
     all but :data:`KEPT_ON_FAILURE` (sensitivities, energy gradients, stress,
     contacts, zero modes...); for each failed linear solve, its position
-    sensitivity."""
+    sensitivity (and box and packing fraction sensitivities); for failed
+    moduli, the moduli."""
     record = {name: np.array(value) for name, value in record.items()}
     relax_failed = ~record["relax_converged"].astype(bool)
     for name, value in record.items():
         if name != "sample" and name not in KEPT_ON_FAILURE and not name.startswith(KEPT_ON_FAILURE_PREFIXES):
             value[relax_failed] = schema.fill_value(value.dtype)
     if "solve_converged" in record:
-        record["position_sensitivity"][~record["solve_converged"].astype(bool)] = np.nan
+        for name in ("position_sensitivity", "box_sensitivity", "packing_fraction_sensitivity"):
+            if name in record:
+                record[name][~record["solve_converged"].astype(bool)] = np.nan
+    if "moduli_converged" in record:
+        for name in ("stiffness", "bulk_modulus", "shear_modulus"):
+            record[name][~record["moduli_converged"].astype(bool)] = np.nan
     return record
 
 
@@ -253,7 +268,9 @@ def assemble(
     if n_points * n_seeds != sum(len(c["samples"]) for c in layout.chunks):
         raise StudyError("internal error: the plan does not cover every sample once")
 
-    data_vars = {name: (dims_of[name], array, schema.attributes(name)) for name, array in arrays.items()}
+    data_vars = {
+        name: (dims_of[name], array, schema.attributes(name, layout.at_pressure)) for name, array in arrays.items()
+    }
     n_max = layout.sizes["particle"]
     species = np.full((n_points, n_max), -1, dtype=np.int32)
     for i, s in enumerate(layout.species):
@@ -278,6 +295,8 @@ def assemble(
     }
     if layout.sensitivities:
         coords["sensitivity"] = list(layout.sensitivities)
+    if "voigt" in layout.sizes:
+        coords["voigt"] = coords["voigt_b"] = list(schema.VOIGT[layout.dim])
     for name, coord in layout.coords.items():
         values = coord["values"]
         if len(coord["dims"]) == 1:
