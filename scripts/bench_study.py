@@ -29,8 +29,10 @@ throughput (samples per wall second) of N devices over one device's.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -148,7 +150,13 @@ def main() -> None:
         print(json.dumps(measure_study(args, jax.devices())))
         return
     workload = {"n": args.n, "dim": 2, "samples": 4 * args.seeds, "phi": PHIS, "fmax": 1e-12, "sensitivities": 1}
-    results: dict = {"workload": workload, "cpu_count": os.cpu_count(), "device": args.device}
+    results: dict = {
+        "workload": workload,
+        "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "cpu_count": os.cpu_count(),
+        "device": args.device,
+    }
     if args.device == "gpu":
         try:
             devices = jax.devices("gpu")
