@@ -16,6 +16,12 @@ value ``z_iso = 2 dim - 2 (dim - 1) / N'``, Goodrich, Liu and Nagel, PRL 109,
 095704, 2012, for ``N'`` non-rattlers), and bulk and shear moduli
 (:func:`mdsens.observables.elastic_response`).
 
+:func:`at_pressures` instead prepares packings at target pressures: the box
+relaxes isotropically with the particles (:func:`mdsens.cell.at_pressure`,
+the enthalpy ``E + p V`` minimised over both), each state from the previous
+one, so a falling sequence decompresses towards jamming and a rising one
+compresses. Its states are those :func:`observe` takes.
+
 Every relaxation uses one minimiser value (default :data:`MINIMISER`: FIRE
 to ``fmax`` 1e-12 in at most 200 000 steps, with the system's ``dt_max``).
 """
@@ -28,8 +34,10 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from mdsens import cell
 from mdsens import observables as ob
 from mdsens.adjoints import Implicit
 from mdsens.minimisers import FIRE, Minimiser
@@ -38,7 +46,17 @@ from mdsens.systems import System
 
 Array = jax.Array
 
-__all__ = ["MINIMISER", "Jamming", "State", "compress", "find_jamming", "observe", "packing_fraction", "rescale"]
+__all__ = [
+    "MINIMISER",
+    "Jamming",
+    "State",
+    "at_pressures",
+    "compress",
+    "find_jamming",
+    "observe",
+    "packing_fraction",
+    "rescale",
+]
 
 #: Near jamming, relaxations are slow (the energy landscape flattens): a larger step budget.
 MINIMISER = FIRE(max_steps=200_000)
@@ -174,6 +192,47 @@ def compress(
     for dphi in delta_phis:
         state = _move(system, state, jamming.phi_c + dphi, minimiser)
         states.append(state)
+    return states
+
+
+def at_pressures(
+    system: System,
+    pressures,
+    positions: Array | None = None,
+    params: Any = None,
+    *,
+    minimiser: Minimiser = MINIMISER,
+) -> list[State]:
+    """Packings relaxed at each target pressure of ``pressures``, in the order
+    given, each from the previous one (the first from ``positions``, default the
+    system's start, in the box of ``params``, default the system's): positions
+    and an isotropically scaled box minimise ``E + p V``
+    (:func:`mdsens.cell.at_pressure`) with ``minimiser``.
+
+    A state's ``pressure`` is the virial pressure of its relaxed box
+    (:func:`mdsens.observables.pressure`), which equals the target to the
+    stress tolerance of :func:`mdsens.cell.relaxed`; ``converged`` holds the
+    particle forces and the stress residual to their tolerances, and
+    ``params`` has the relaxed box. The system must use all pairs
+    (``neighbor_list=False``)."""
+    _check_soft_spheres(system, "at_pressures")
+    pressures = [float(p) for p in pressures]
+    if not pressures:
+        raise ValueError("at_pressures: no pressures given.")
+    positions, params = system.inputs(positions, params)
+    at_p = cell.at_pressure(system, pressures[0])
+    zero_strain = at_p.positions[system.n :]  # cell rows: the reference box is the start's
+    states = []
+    for p in pressures:
+        joint = jnp.concatenate([positions, zero_strain])
+        joint_params = {**params, "pressure": jnp.float64(p)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # reported in State.converged
+            r = cell.relaxed(at_p, relax(at_p, joint, joint_params, minimiser=minimiser), joint_params)
+        positions, params = cell.fixed_box(at_p, r.relax.positions, joint_params)
+        pressure = float(ob.pressure(system, positions, params))
+        phi = packing_fraction(system, params)
+        states.append(State(phi, pressure, positions, params, bool(r.converged), int(r.relax.n_steps)))
     return states
 
 

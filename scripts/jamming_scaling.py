@@ -23,12 +23,14 @@ Outputs (format for readers, e.g. a notebook):
   ``seed_seconds`` (wall time of each seed's computation; ``runtime_seconds``
   is this run's, small when the seeds come from the cache);
   ``all_within_tolerance``, ``all_states_converged``, ``all_moduli_ok``.
-- ``notebooks/figures/jamming_scaling.png``.
 
 Prints the JSON (without the means). Per-seed results are cached in
-``out/jamming_scaling/`` so an interrupted run resumes.
+``out/jamming_scaling/`` so an interrupted run resumes. The figure, with its
+record (:mod:`mdsens.figures.records`), is drawn from the CSV by
+``scripts/figure_jamming.py``:
 
     python scripts/jamming_scaling.py --n 256 --seeds 6 --workers 2
+    python scripts/figure_jamming.py --size full --out notebooks/figures
 """
 
 from __future__ import annotations
@@ -45,10 +47,8 @@ from pathlib import Path
 import jax
 
 jax.config.update("jax_enable_x64", True)  # before mdsens creates any array (workers run this too)
-import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mdsens import plotting  # noqa: E402
 from mdsens.figures import jamming_scaling  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--phi-start", type=float, default=0.86)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "data")
-    parser.add_argument("--figure", type=Path, default=ROOT / "notebooks" / "figures" / "jamming_scaling.png")
     parser.add_argument("--cache", type=Path, default=ROOT / "out" / "jamming_scaling")
     args = parser.parse_args(argv)
     if not 256 <= args.n <= 1024 or args.seeds < 1 or len(args.delta_phi) < 2:
@@ -104,9 +103,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     means = {q: {"delta_phi": f["delta_phi"], "mean": f["mean"]} for q, f in fits.items()}
     (args.out / "jamming_scaling.json").write_text(json.dumps({**summary, "means": means}, indent=2) + "\n")
-    matplotlib.use("Agg")
-    title = f"2D harmonic bidisperse discs, N={args.n}, {args.seeds} seeds (cf. O'Hern et al. 2003)"
-    plotting.save(jamming_scaling.scaling_panels(rows, fits, title), args.figure)
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -7,8 +7,9 @@ it printed and the digest of the code that drew them. The committed records are
 ``notebooks/figures/small/<module>.json`` (the same script at ``--size small``).
 Here: every committed PNG has a full-size record; every record's digest is the
 current code's (change a figure module or :mod:`mdsens.plotting` and this fails
-until the figures are drawn again); the cheap figure (jamming: fits of a
-committed CSV) is computed again at full size and its numbers compared. The
+until the figures are drawn again); the cheap figures (jamming against
+phi and against pressure: fits of committed data) are computed again at full
+size and their numbers compared. The
 other figures' numbers are computed again at small size by
 ``tests/test_notebooks.py``, which runs each notebook and compares its summary
 with the small record.
@@ -22,7 +23,7 @@ import re
 
 import pytest
 
-from mdsens.figures import jamming_scaling, records, sensitivity
+from mdsens.figures import jamming_pressure, jamming_scaling, records, sensitivity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "notebooks" / "figures"
@@ -49,8 +50,9 @@ def test_every_committed_figure_has_a_record() -> None:
     )
     assert [records.read(path)["size"] for path in FULL] == ["full"] * len(FULL)
     assert [records.read(path)["size"] for path in SMALL] == ["small"] * len(SMALL)
-    # Every figure but the cheap jamming one (computed again here at full size) has a small record.
-    assert {path.name for path in FULL} - {path.name for path in SMALL} == {"jamming_scaling.json"}
+    # Every figure but the cheap jamming ones (computed again here at full size) has a small record.
+    cheap = {"jamming_scaling.json", "jamming_pressure.json"}
+    assert {path.name for path in FULL} - {path.name for path in SMALL} == cheap
 
 
 @pytest.mark.parametrize("path", FULL + SMALL, ids=lambda path: path.relative_to(FIGURES).as_posix())
@@ -70,6 +72,23 @@ def test_record_is_of_the_current_code(path: pathlib.Path) -> None:
 def test_jamming_figure_computed_again(tmp_path: pathlib.Path) -> None:
     summary = jamming_scaling.run("full", tmp_path, data=ROOT / "data" / "jamming_scaling.csv")
     assert records.differences(records.read(FIGURES / "jamming_scaling.json")["summary"], summary) == []
+
+
+def test_jamming_pressure_figure_computed_again(tmp_path: pathlib.Path) -> None:
+    summary = jamming_pressure.run("full", tmp_path, data=ROOT / "data" / "jamming_pressure.json")
+    assert records.differences(records.read(FIGURES / "jamming_pressure.json")["summary"], summary) == []
+
+
+@pytest.mark.slow
+def test_jamming_pressure_small_computation(tmp_path: pathlib.Path) -> None:
+    """The figure's protocol at small size (N = 32, 2 seeds) from scratch: every state at
+    its target pressure, and the exponents that small packings resolve (phi - phi_J ~ p,
+    B ~ const); z - z_iso and G need larger N (the committed figure)."""
+    summary = jamming_pressure.run("small", tmp_path, data=tmp_path / "rows.json", compute_data=True)
+    assert summary["all_states_converged"] and summary["all_moduli_ok"]
+    assert summary["largest_pressure_residual"] <= 1e-10
+    assert summary["exponents"]["excess_phi"]["exponent"] == pytest.approx(1.0, abs=0.1)
+    assert summary["exponents"]["bulk_modulus"]["exponent"] == pytest.approx(0.0, abs=0.1)
 
 
 def test_code_files_follow_imports() -> None:

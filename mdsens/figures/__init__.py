@@ -6,7 +6,8 @@ against the dense reference), :mod:`~mdsens.figures.precision` (the error
 against minimiser iterations), :mod:`~mdsens.figures.parameter_study` (a
 :mod:`mdsens.study` sweep), :mod:`~mdsens.figures.inverse_design` (a bilevel
 optimisation), :mod:`~mdsens.figures.jamming_scaling` (elastic moduli near
-jamming) and :mod:`~mdsens.figures.vacancy` (a vacancy in silicon);
+jamming), :mod:`~mdsens.figures.jamming_pressure` (the same against pressure)
+and :mod:`~mdsens.figures.vacancy` (a vacancy in silicon);
 :mod:`~mdsens.figures.packing` is the packing the first two share. Each figure
 module has ``SIZES`` and ``run(size, out, ...)``, which writes its PNG files to
 ``out`` and returns a JSON-able summary with their paths under ``"figures"``.

@@ -101,70 +101,91 @@ def load_rows(path: str | pathlib.Path) -> list[dict[str, Any]]:
         return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(f)]
 
 
-def fit(delta_phi: np.ndarray, values: np.ndarray) -> float:
-    """Slope of log(values) against log(delta_phi) over the positive values (NaN if
+def fit(x: np.ndarray, values: np.ndarray) -> float:
+    """Slope of log(values) against log(x) over the positive values (NaN if
     fewer than three: a fixed-box packing can have G < 0)."""
     ok = values > 0
     if ok.sum() < 3:
         return float("nan")
-    return float(np.polyfit(np.log(delta_phi[ok]), np.log(values[ok]), 1)[0])
+    return float(np.polyfit(np.log(x[ok]), np.log(values[ok]), 1)[0])
 
 
-def exponent(rows: Sequence[dict[str, Any]], quantity: str, n_boot: int = 2000) -> dict[str, Any]:
-    """The exponent of ``quantity`` (a key of :data:`EXPECTED`) fitted to the seed
-    means, its bootstrap ``uncertainty``, whether it is within :data:`TOLERANCE`
-    of the expected one, per-seed fits, local exponents (slopes between
-    successive delta_phi), and the ``delta_phi`` and seed ``mean`` fitted."""
+def exponent(
+    rows: Sequence[dict[str, Any]],
+    quantity: str,
+    n_boot: int = 2000,
+    *,
+    against: str = "delta_phi",
+    expected: float | None = None,
+) -> dict[str, Any]:
+    """The exponent of ``quantity`` against ``against`` (keys of the rows; the
+    values of ``against`` shared by all seeds) fitted to the seed means, its
+    bootstrap ``uncertainty``, whether it is within :data:`TOLERANCE` of the
+    ``expected`` one (default from :data:`EXPECTED`), per-seed fits, local
+    exponents (slopes between successive points), and the ``against`` values and
+    seed ``mean`` fitted."""
+    expected = EXPECTED[quantity] if expected is None else expected
     seeds = sorted({r["seed"] for r in rows})
-    dphis = np.array(sorted({r["delta_phi"] for r in rows}))
-    value = {(r["seed"], r["delta_phi"]): r[quantity] for r in rows}
-    table = np.array([[value[s, d] for d in dphis] for s in seeds])
+    xs = np.array(sorted({r[against] for r in rows}))
+    value = {(r["seed"], r[against]): r[quantity] for r in rows}
+    table = np.array([[value[s, x] for x in xs] for s in seeds])
     mean = table.mean(axis=0)
     rng = np.random.default_rng(0)
-    boot = [fit(dphis, table[rng.integers(0, len(seeds), len(seeds))].mean(axis=0)) for _ in range(n_boot)]
-    per_seed = [fit(dphis, row) for row in table]
-    slope = fit(dphis, mean)
+    boot = [fit(xs, table[rng.integers(0, len(seeds), len(seeds))].mean(axis=0)) for _ in range(n_boot)]
+    per_seed = [fit(xs, row) for row in table]
+    slope = fit(xs, mean)
     with np.errstate(invalid="ignore"):
-        local = np.diff(np.log(np.where(mean > 0, mean, np.nan))) / np.diff(np.log(dphis))
+        local = np.diff(np.log(np.where(mean > 0, mean, np.nan))) / np.diff(np.log(xs))
     return {
         "exponent": slope,
         "uncertainty": float(np.nanstd(boot)),
-        "expected": EXPECTED[quantity],
-        "within_tolerance": bool(abs(slope - EXPECTED[quantity]) <= TOLERANCE),
+        "expected": expected,
+        "within_tolerance": bool(abs(slope - expected) <= TOLERANCE),
         "points_used": int(np.sum(mean > 0)),
         "seeds_with_negative_values": int(np.sum(np.any(table <= 0, axis=1))),
         "per_seed_mean": float(np.nanmean(per_seed)),
         "per_seed_std": float(np.nanstd(per_seed)),
         "local_exponents": [None if np.isnan(e) else round(float(e), 3) for e in local],
-        "delta_phi": dphis.tolist(),
+        against: xs.tolist(),
         "mean": mean.tolist(),
     }
 
 
+#: The panels of :func:`scaling_panels`: (quantity, axis label).
+PANELS = (
+    ("pressure", "pressure $p$"),
+    ("bulk_modulus", "bulk modulus $B$"),
+    ("shear_modulus", "shear modulus $G$"),
+    ("excess_z", r"excess contacts $z - z_{\rm iso}$"),
+)
+
+
 @plotting.styled
-def scaling_panels(rows: Sequence[dict[str, Any]], fits: dict[str, dict[str, Any]], title: str) -> plt.Figure:
-    """One log-log panel per quantity of :data:`EXPECTED`: seeds as dots (values
-    <= 0 left out), seed means as circles, the fitted power law (``fits``: the
-    results of :func:`exponent`)."""
-    panels = [
-        ("pressure", "pressure $p$"),
-        ("bulk_modulus", "bulk modulus $B$"),
-        ("shear_modulus", "shear modulus $G$"),
-        ("excess_z", r"excess contacts $z - z_{\rm iso}$"),
-    ]
+def scaling_panels(
+    rows: Sequence[dict[str, Any]],
+    fits: dict[str, dict[str, Any]],
+    title: str,
+    *,
+    panels: Sequence[tuple[str, str]] = PANELS,
+    against: str = "delta_phi",
+    xlabel: str = r"distance to jamming $\phi - \phi_c$",
+) -> plt.Figure:
+    """One log-log panel per ``(quantity, label)`` of ``panels`` against
+    ``against``: seeds as dots (values <= 0 left out), seed means as circles,
+    the fitted power law (``fits``: the results of :func:`exponent`)."""
     fig, axes = plt.subplots(2, 2, figsize=(9.0, 7.6), layout="constrained")
     for ax, (key, label) in zip(axes.ravel(), panels, strict=True):
         positive = [r for r in rows if r[key] > 0]  # log axes: a fixed-box G can be negative
         hidden = len(rows) - len(positive)
         ax.plot(
-            [r["delta_phi"] for r in positive],
+            [r[against] for r in positive],
             [r[key] for r in positive],
             ".",
             color=plotting.OKABE_ITO["sky blue"],
             label=f"seeds ({hidden} values <= 0 not shown)" if hidden else "seeds",
         )
         f = fits[key]
-        d, m = np.array(f["delta_phi"]), np.array(f["mean"])
+        d, m = np.array(f[against]), np.array(f["mean"])
         ok = m > 0
         ax.plot(d[ok], m[ok], "o", color="k", ms=5, label="seed mean")
         c = np.exp(np.mean(np.log(m[ok]) - f["exponent"] * np.log(d[ok])))
@@ -178,7 +199,7 @@ def scaling_panels(rows: Sequence[dict[str, Any]], fits: dict[str, dict[str, Any
                 f"(expected {f['expected']:g})"
             ),
         )
-        ax.set(xscale="log", yscale="log", xlabel=r"distance to jamming $\phi - \phi_c$", ylabel=label)
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=label)
         ax.legend()
     fig.suptitle(title)
     return fig
@@ -198,7 +219,7 @@ def run(
     """Fit the rows of the CSV ``data``, draw ``jamming_scaling.png`` into ``out``
     and return the summary."""
     rows = load_rows(data)
-    fits = {quantity: exponent(rows, quantity, **SIZES[size]) for quantity in EXPECTED}
+    fits = {quantity: exponent(rows, quantity, SIZES[size]["n_boot"]) for quantity in EXPECTED}
     seeds = sorted({row["seed"] for row in rows})
     figure = scaling_panels(rows, fits, title(int(rows[0]["n"]), len(seeds)))
     return {
