@@ -120,6 +120,29 @@ def test_bulk_modulus_is_inverse_volume_sensitivity(relaxed_packing, packing):
     )
 
 
+@pytest.mark.slow
+def test_second_order_matches_finite_differences_of_the_first(relaxed_packing):
+    """d2V*/dp2 by implicit differentiation to second order equals central differences
+    (Richardson-extrapolated) of the implicit dV*/dp at re-relaxed neighbouring pressures."""
+    cs, _ = relaxed_packing
+    adjoint = mdsens.Implicit()
+
+    def volume_at(pressure):
+        params = cs.params | {"pressure": pressure}
+        return cell.volume(cs, mdsens.equilibrium(cs, params, adjoint=adjoint), params)
+
+    p = jnp.asarray(PRESSURE, jnp.float64)
+    slope = jax.grad(volume_at)
+    second = float(jax.jacfwd(slope)(p))
+
+    def central(h):
+        return (float(slope(p + h)) - float(slope(p - h))) / (2.0 * h)
+
+    h = 1e-4 * PRESSURE
+    expected = (4.0 * central(h) - central(2.0 * h)) / 3.0
+    assert second == pytest.approx(expected, rel=1e-5)
+
+
 # A target stress tensor: -p I plus a small deviator (2 % of p: the packing is soft in shear).
 DEVIATOR = np.array([[-2e-4, 1e-4], [1e-4, 2e-4]])
 TARGET = -PRESSURE * np.eye(2) + DEVIATOR
