@@ -11,6 +11,11 @@ import jax
 # mdsens refuses to run in float32 and does not switch x64 on itself; this must
 # happen before any array is created.
 jax.config.update("jax_enable_x64", True)
+# No persistent compilation cache inside the test processes: mdsens.study.run turns
+# it on process-wide (for every later program of the worker), which made XLA's
+# compiler crash mid-suite in CI (segfaults in backend_compile_and_load). The CLI
+# tests run in subprocesses with their own cache folders and still test it.
+jax.config.update("jax_enable_compilation_cache", False)
 
 import pytest  # noqa: E402
 
