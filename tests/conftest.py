@@ -4,6 +4,7 @@ per session."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 
 import jax
@@ -12,9 +13,8 @@ import jax
 # happen before any array is created.
 jax.config.update("jax_enable_x64", True)
 # No persistent compilation cache inside the test processes: mdsens.study.run turns
-# it on process-wide (for every later program of the worker), which made XLA's
-# compiler crash mid-suite in CI (segfaults in backend_compile_and_load). The CLI
-# tests run in subprocesses with their own cache folders and still test it.
+# it on process-wide, for every later program of the worker. The CLI tests run in
+# subprocesses with their own cache folders and still test it.
 jax.config.update("jax_enable_compilation_cache", False)
 
 import pytest  # noqa: E402
@@ -30,6 +30,30 @@ class Relaxed:
     name: str
     system: System
     result: RelaxResult
+
+
+# Every compiled XLA CPU program holds a few hundred memory maps (about 500 for a
+# relaxation) until JAX's caches drop it. A worker that runs hundreds of tests
+# reaches Linux's limit (vm.max_map_count, 65530 by default), and the next
+# compilation aborts or segfaults inside XLA: so past this many maps, the caches
+# are cleared between tests (their programs are compiled again when used again).
+MEMORY_MAP_BUDGET = 30_000
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux: no such limit to keep away from
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def release_compiled_programs():
+    yield
+    if _memory_maps() > MEMORY_MAP_BUDGET:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session", autouse=True)
