@@ -61,6 +61,13 @@ def check_relaxed(result: RelaxResult, throw: bool, x: Array | None = None) -> A
     return x if throw else x * jax.lax.stop_gradient(jnp.where(result.converged, 1.0, jnp.nan))
 
 
+def _sparse(energy_fn: EnergyFn) -> bool:
+    """Whether the bound energy declares a sparse Hessian (``energy_fn.sparse_hessian``,
+    set by neighbor-list energies): its Hessian-vector products are then
+    linearized once per solve, see :func:`mdsens.implicit.root_jvp`."""
+    return bool(getattr(energy_fn, "sparse_hessian", False))
+
+
 @dataclasses.dataclass(frozen=True)
 class Implicit:
     """Implicit differentiation with a linear ``solver`` (default :class:`CG`)
@@ -83,12 +90,28 @@ class Implicit:
     def jvp(self, energy_fn: EnergyFn, positions: Array, params: Any, tangent: Any) -> tuple[Array, SolveInfo]:
         """``(dx*[tangent], SolveInfo)`` at the equilibrium ``positions``."""
         modes = self.modes(energy_fn, positions, params)
-        return root_jvp(jax.grad(energy_fn), positions, params, tangent, solve=self.solver, zero_modes=modes)
+        return root_jvp(
+            jax.grad(energy_fn),
+            positions,
+            params,
+            tangent,
+            solve=self.solver,
+            zero_modes=modes,
+            linearize=_sparse(energy_fn),
+        )
 
     def vjp(self, energy_fn: EnergyFn, positions: Array, params: Any, cotangent: Array) -> tuple[Any, SolveInfo]:
         """``(cotangent^T dx*/dparams, SolveInfo)`` at the equilibrium ``positions``."""
         modes = self.modes(energy_fn, positions, params)
-        return root_vjp(jax.grad(energy_fn), positions, params, cotangent, solve=self.solver, zero_modes=modes)
+        return root_vjp(
+            jax.grad(energy_fn),
+            positions,
+            params,
+            cotangent,
+            solve=self.solver,
+            zero_modes=modes,
+            linearize=_sparse(energy_fn),
+        )
 
     def equilibrium(
         self, energy: Energy, minimiser: Minimiser, positions: Array, params: Any, throw: bool

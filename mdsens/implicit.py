@@ -64,6 +64,17 @@ def _projector(zero_modes: ZeroModes | None) -> Callable[[Array], Array]:
     return zero_modes.project
 
 
+def _jacobian_product(f_of_x: Callable[[Array], Array], x_flat: Array, linearize: bool) -> Callable[[Array], Array]:
+    """``v -> dF/dx v``: by ``jax.jvp`` at every product, or, with ``linearize``,
+    by ``jax.linearize`` once (what is known at x, e.g. the pair blocks of a
+    neighbor-list Hessian, is then computed once instead of in every
+    iteration; it costs the memory of those intermediates, O(N^2) for an
+    all-pairs energy, so energies ask for it, see :class:`mdsens.Implicit`)."""
+    if linearize:
+        return jax.linearize(f_of_x, x_flat)[1]
+    return lambda v: jax.jvp(f_of_x, (x_flat,), (v,))[1]
+
+
 def root_jvp(
     optimality_fn: OptimalityFn,
     solution: Any,
@@ -73,6 +84,7 @@ def root_jvp(
     solve: Solve | None = None,
     symmetric: bool = True,
     zero_modes: ZeroModes | None = None,
+    linearize: bool = False,
 ) -> tuple[Any, SolveInfo]:
     """Tangent of the root: solve ``A x_dot = -d_2F(theta_dot)``.
 
@@ -82,7 +94,7 @@ def root_jvp(
     solve = CG() if solve is None else solve
     project = _projector(zero_modes)
     x_flat, unravel, f_of_x, f_of_params = _linearise(optimality_fn, solution, params)
-    matvec = lambda v: jax.jvp(f_of_x, (x_flat,), (v,))[1]  # noqa: E731
+    matvec = _jacobian_product(f_of_x, x_flat, linearize)
     rhs = -jax.jvp(f_of_params, (params,), (params_tangent,))[1]
     projected_solve = lambda mv, b: solve(mv, b, project)  # noqa: E731
     tangent, info = jax.lax.custom_linear_solve(
@@ -100,6 +112,7 @@ def root_vjp(
     solve: Solve | None = None,
     symmetric: bool = True,
     zero_modes: ZeroModes | None = None,
+    linearize: bool = False,
 ) -> tuple[Any, SolveInfo]:
     """Cotangent of the parameters: solve ``A^T u = P g`` (``P`` removes zero
     modes), then ``theta_bar = -d_2F^T u``. Returns ``(params_cotangent, info)``."""
@@ -108,7 +121,7 @@ def root_vjp(
     x_flat, _, f_of_x, f_of_params = _linearise(optimality_fn, solution, params)
     g = ravel_pytree(cotangent)[0]
     if symmetric:
-        matvec = lambda v: jax.jvp(f_of_x, (x_flat,), (v,))[1]  # noqa: E731
+        matvec = _jacobian_product(f_of_x, x_flat, linearize)
     else:
         f_vjp = jax.vjp(f_of_x, x_flat)[1]
         matvec = lambda v: f_vjp(v)[0]  # noqa: E731

@@ -299,6 +299,8 @@ def main() -> None:
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.system()}",
         "device": str(jax.devices()[0]),
+        # CPUs this process may run on (`taskset -c 0` pins it to one, as a one-process LAMMPS run).
+        "cpus": len(os.sched_getaffinity(0)),
         "load_average": os.getloadavg(),
         "system": f"soft_sphere_packing(n, dim=2, phi={PHI}, seed), harmonic, diameters 1.0/1.4",
         "fmax": args.fmax,

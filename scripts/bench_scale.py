@@ -92,6 +92,8 @@ def machine() -> dict:
         "platform": platform.platform(),
         "jax": jax.__version__,
         "device": str(jax.devices()[0]),
+        # CPUs this process may run on (`taskset -c 0` pins it to one, as a one-process LAMMPS run).
+        "cpus": len(os.sched_getaffinity(0)),
     }
 
 

@@ -106,9 +106,10 @@ def test_captions_name_the_file_and_what_it_recorded(built: dict[str, dict[str, 
             assert (recorded or f"{key}: not recorded in the JSON") in caption
 
 
-def test_relaxation_against_lammps(built: dict[str, dict[str, Any]]) -> None:
-    data = read("data/bench_relax_peers.json")
-    header, *rows = built["data/bench_relax_peers.json"]["rows"]
+@pytest.mark.parametrize("path", ["data/bench_relax_peers.json", "data/bench_relax_peers_one_core.json"])
+def test_relaxation_against_lammps(built: dict[str, dict[str, Any]], path: str) -> None:
+    data = read(path)
+    header, *rows = built[path]["rows"]
     shown = {(row[0], row[1], row[2]): dict(zip(header, row, strict=True)) for row in rows}
     count = 0
     for n, seeds in data["results"].items():
@@ -164,9 +165,10 @@ def test_sensitivities(built: dict[str, dict[str, Any]]) -> None:
         assert close(gradient["error vs dense"], result["implicit_grad_error"])
 
 
-def test_scale(built: dict[str, dict[str, Any]]) -> None:
-    data = read("data/bench_scale.json")
-    header, *rows = built["data/bench_scale.json"]["rows"]
+@pytest.mark.parametrize("path", ["data/bench_scale.json", "data/bench_scale_one_core.json"])
+def test_scale(built: dict[str, dict[str, Any]], path: str) -> None:
+    data = read(path)
+    header, *rows = built[path]["rows"]
     assert len(rows) == len(data["results"])
     for row, result in zip(rows, data["results"], strict=True):
         shown = dict(zip(header, row, strict=True))

@@ -10,6 +10,7 @@ Hessian from ``numpy.linalg.eigh``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -258,20 +259,36 @@ optimality = jax.grad(quadratic_energy)
 INIT = jnp.zeros((N // 2, 2))
 
 
+@pytest.mark.parametrize("linearize", [False, True])
 @pytest.mark.parametrize("name", ["cg", "minres", "bicgstab", "dense"])
-def test_root_jvp_and_vjp_quadratic(name: str) -> None:
+def test_root_jvp_and_vjp_quadratic(name: str, linearize: bool) -> None:
     x_star = quadratic_solution(THETA)
     jacobian = jax.jacfwd(quadratic_solution)(THETA)  # (N/2, 2, 3)
     tangent = jnp.asarray([0.3, -1.0, 0.5])
     solve = SOLVERS[name]()
-    dx, info = jax.jit(lambda x, t, v: root_jvp(optimality, x, t, v, solve=solve))(x_star, THETA, tangent)
+    root_jvp_ = functools.partial(root_jvp, linearize=linearize)
+    root_vjp_ = functools.partial(root_vjp, linearize=linearize)
+    dx, info = jax.jit(lambda x, t, v: root_jvp_(optimality, x, t, v, solve=solve))(x_star, THETA, tangent)
     assert dx.shape == x_star.shape
     assert rel_err(dx, jnp.tensordot(jacobian, tangent, 1)) <= 1e-8
     assert bool(info.converged)
     cotangent = jax.random.normal(jax.random.PRNGKey(0), x_star.shape)
-    theta_bar, info = jax.jit(lambda x, t, g: root_vjp(optimality, x, t, g, solve=solve))(x_star, THETA, cotangent)
+    theta_bar, info = jax.jit(lambda x, t, g: root_vjp_(optimality, x, t, g, solve=solve))(x_star, THETA, cotangent)
     assert rel_err(theta_bar, jnp.tensordot(cotangent, jacobian, 2)) <= 1e-8
     assert bool(info.converged)
+
+
+@pytest.mark.parametrize("linearize", [False, True])
+def test_root_jvp_differentiated_again(linearize: bool) -> None:
+    """d/dtheta of the tangent dx*[v] (A depends on theta) against the closed form's."""
+    tangent = jnp.asarray([0.3, -1.0, 0.5])
+
+    def implicit(theta):
+        return root_jvp(optimality, quadratic_solution(theta), theta, tangent, linearize=linearize)[0]
+
+    expected = jax.jacfwd(lambda t: jax.jvp(quadratic_solution, (t,), (tangent,))[1])(THETA)
+    assert rel_err(jax.jit(jax.jacfwd(implicit))(THETA), expected) <= 1e-8
+    assert rel_err(jax.jit(jax.jacrev(implicit))(THETA), expected) <= 1e-8
 
 
 def test_root_jvp_pytree_params() -> None:

@@ -173,9 +173,13 @@ class NeighborListEnergy:
         """``energy(positions, params)`` with the list ``aux`` frozen (for
         derivatives at one state): NaN, with NaN derivatives, if it is invalid."""
         scale = jnp.where(self.valid(aux), 1.0, jnp.nan)
-        return lambda positions, params: (
-            pair_sum.energy(self.pair_energy, self.pair_params, positions, params, aux) * scale
-        )
+
+        def energy_fn(positions: Array, params: Params) -> Array:
+            return pair_sum.energy(self.pair_energy, self.pair_params, positions, params, aux) * scale
+
+        # O(P) pair blocks: implicit solves linearize the Hessian once (mdsens.Implicit).
+        energy_fn.sparse_hessian = True  # type: ignore[attr-defined]
+        return energy_fn
 
     def __call__(self, positions: Array, params: Params) -> Array:
         """The energy with a list built at ``positions`` (capacity from
