@@ -127,7 +127,10 @@ class Implicit:
         def modes(x: Array, args: Any) -> zm.ZeroModes:
             return self.modes(energy.bind(args[1]), x, args[0])
 
-        solved = custom_root(optimality, solve=self.solver, zero_modes=modes, throw=throw)(lambda x_star, args: x_star)
+        implicit_rule = custom_root(
+            optimality, solve=self.solver, zero_modes=modes, throw=throw, linearize=_sparse(energy.bind(aux))
+        )
+        solved = implicit_rule(lambda x_star, args: x_star)
         return check_relaxed(result, throw, solved(result.positions, (params, aux))), result
 
 

@@ -89,7 +89,9 @@ def root_jvp(
     """Tangent of the root: solve ``A x_dot = -d_2F(theta_dot)``.
 
     Returns ``(solution_tangent, info)``; differentiable again (by JAX's rules
-    for ``custom_linear_solve``).
+    for ``custom_linear_solve``). With ``linearize``, ``dF/dx`` is linearized
+    once per solve instead of differentiated in every product (for sparse
+    Hessians, e.g. neighbor-list energies).
     """
     solve = CG() if solve is None else solve
     project = _projector(zero_modes)
@@ -271,6 +273,7 @@ def custom_root(
     zero_modes: ZeroModesFn | None = None,
     throw: bool = True,
     has_aux: bool = False,
+    linearize: bool = False,
 ) -> Callable[[Callable[[Any, Any], Any]], Callable[[Any, Any], Any]]:
     """Decorator: make ``solver(init, params) -> x*`` differentiable in ``params``
     by implicit differentiation of ``optimality_fn(x*, params) = 0``.
@@ -284,6 +287,7 @@ def custom_root(
     ``FloatingPointError`` at run time (``throw=True``) or gives NaN and a
     ``RuntimeWarning`` (``throw=False``). With ``has_aux``, the solver returns
     ``(x*, aux)`` and ``aux`` (e.g. diagnostics) gets a zero derivative.
+    ``linearize``: see :func:`root_jvp`.
     """
     checked_solve = enforce(CG() if solve is None else solve, throw)
 
@@ -307,6 +311,7 @@ def custom_root(
                 solve=checked_solve,
                 symmetric=symmetric,
                 zero_modes=modes,
+                linearize=linearize,
             )
             if has_aux:
                 return output, (tangent, jax.tree_util.tree_map(_zero_tangent, output[1]))
