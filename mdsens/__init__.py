@@ -9,7 +9,7 @@ differentiation (:func:`equilibrium`). Options are values: minimisers
 
 Subpackages and modules: ``systems`` (builders, the energy protocol),
 ``neighbors``, ``observables``, ``jamming``, ``study``, ``linear_solve``,
-``zero_modes``, ``implicit``, ``curvature``, ``testing``, ``plotting``, ``figures``.
+``coarse_space``, ``zero_modes``, ``implicit``, ``curvature``, ``testing``, ``plotting``, ``figures``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -36,6 +36,7 @@ from mdsens.linear_solve import BlockJacobi as BlockJacobi
 from mdsens.linear_solve import Dense as Dense
 from mdsens.linear_solve import Jacobi as Jacobi
 from mdsens.linear_solve import SolveInfo as SolveInfo
+from mdsens.linear_solve import TwoLevel as TwoLevel
 from mdsens.minimisers import FIRE as FIRE
 from mdsens.minimisers import GradientDescent as GradientDescent
 from mdsens.minimisers import max_force as max_force

@@ -10,7 +10,7 @@ positive definite, e.g. the "minimum" is a saddle).
 
 ``project`` is an orthogonal projector onto the complement of the null space
 of ``A`` (see :mod:`mdsens.zero_modes`), applied to the right-hand side, to
-every product and to the result. For a symmetric positive semi-definite ``A``
+every product, to every preconditioned residual and to the result. For a symmetric positive semi-definite ``A``
 whose null space it removes, the result is the minimum-norm solution
 ``A^+ b``.
 """
@@ -169,6 +169,41 @@ class BlockJacobi:
         return jnp.einsum("nij,nj->ni", vectors, projected).reshape(r.shape)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class TwoLevel:
+    r"""Additive two-level preconditioner: block Jacobi plus a coarse correction,
+
+    .. math:: M r = B^+ r + Z E^+ Z^T r, \qquad E = Z^T A Z,
+
+    with ``B`` the per-particle diagonal blocks (:class:`BlockJacobi`, the
+    ``smoother``) and ``Z`` the rigid translations of aggregates of particles
+    (``aggregates[i]``: particle ``i``'s aggregate). Block Jacobi treats what
+    varies from particle to particle; the coarse space carries the long
+    wavelength displacements that make CG's iterations grow with N. ``E^+``
+    (``coarse_inverse``, dense) drops ``E``'s null space (rigid translations of
+    the whole system), which the solvers project out anyway. Build it with
+    :meth:`mdsens.System.two_level_preconditioner` (see
+    :mod:`mdsens.coarse_space`). It holds arrays, so it compares and hashes by
+    identity: build it once per state."""
+
+    smoother: BlockJacobi
+    aggregates: Any
+    coarse_inverse: Any
+
+    def __call__(self, r: Array) -> Array:
+        inverse = jnp.asarray(self.coarse_inverse)
+        dim = jnp.shape(self.smoother.blocks)[-1]
+        n_aggregates = inverse.shape[0] // dim
+        coarse = jax.ops.segment_sum(r.reshape(-1, dim), self.aggregates, n_aggregates).reshape(-1)
+        correction = (inverse @ coarse).reshape(n_aggregates, dim)[self.aggregates]
+        return self.smoother(r) + correction.reshape(r.shape)
+
+
+#: What the Krylov solvers accept as ``preconditioner``.
+Preconditioner = Jacobi | BlockJacobi | TwoLevel
+
+
 @dataclasses.dataclass(frozen=True)
 class _Iterative:
     """Shared fields and checks of the Krylov solvers: stop when
@@ -178,7 +213,7 @@ class _Iterative:
     rtol: float = 1e-10
     atol: float = 0.0
     max_iter: int | None = None
-    preconditioner: Jacobi | BlockJacobi | None = None
+    preconditioner: Preconditioner | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -186,9 +221,10 @@ class _Iterative:
         set_field(self, "atol", nonnegative_float(self.atol, "atol", owner))
         if self.max_iter is not None:
             set_field(self, "max_iter", count(self.max_iter, "max_iter", owner))
-        if self.preconditioner is not None and not isinstance(self.preconditioner, (Jacobi, BlockJacobi)):
+        if self.preconditioner is not None and not isinstance(self.preconditioner, (Jacobi, BlockJacobi, TwoLevel)):
             raise ValueError(
-                f"{owner}: preconditioner must be None, a Jacobi or a BlockJacobi; got {self.preconditioner!r}."
+                f"{owner}: preconditioner must be None, a Jacobi, a BlockJacobi or a TwoLevel; "
+                f"got {self.preconditioner!r}."
             )
 
     def _iterations(self, b: Array) -> int | Array:
@@ -196,11 +232,17 @@ class _Iterative:
 
     def _setup(self, matvec: MatVec, b: Array, project: Projector):
         """The projected operator ``P A P``, the projected preconditioner, ``P b``
-        and the absolute residual tolerance."""
-        A = lambda v: project(matvec(project(v)))  # noqa: E731
-        M = _identity if self.preconditioner is None else self.preconditioner
+        and the absolute residual tolerance. Every vector the solvers multiply
+        by ``A`` is already projected (a preconditioned residual, a combination
+        of those, or the projected answer), so ``P A P v = P A v`` there: one
+        projection per product, not two (each reads the zero modes' basis,
+        which at large N costs a quarter of a Hessian-vector product)."""
+        A = lambda v: project(matvec(v))  # noqa: E731
+        M = self.preconditioner
+        # Residuals are combinations of P b and products P A v: projected already.
+        precondition = _identity if M is None else lambda r: project(M(r))
         b = _project_rhs(project, b)
-        return A, lambda r: project(M(r)), b, jnp.maximum(self.rtol * jnp.linalg.norm(b), self.atol)
+        return A, precondition, b, jnp.maximum(self.rtol * jnp.linalg.norm(b), self.atol)
 
 
 @option()

@@ -16,7 +16,9 @@ measures, in this order:
   ``list_*`` diagnostics at the end (``energy.diagnostics``);
 - ``solves``: for each preconditioner (``--preconditioners``: none, Jacobi from
   ``System.hessian_diagonal``, block Jacobi from ``System.hessian_blocks``, both
-  O(N)), ``mdsens.equilibrium_jvp`` from the relaxed state, i.e. dx*/d(small
+  O(N), and two-level from ``System.two_level_preconditioner``: block Jacobi
+  plus a coarse grid of aggregate translations, probed with 3^dim dim
+  Hessian-vector products), ``mdsens.equilibrium_jvp`` from the relaxed state, i.e. dx*/d(small
   diameter) for every particle: the preconditioner's ``setup``, the call
   (list allocation, zero-mode detection and one CG solve, compilation
   included) and the same call again (``warm``, compiled), the CG iterations,
@@ -44,7 +46,9 @@ Without ``--n`` it runs 2D N = 1e3, 1e4, 1e5 (``--sizes``; ``--dim3`` adds 3D
 sizes), each in its own subprocess, and prints the list with the date, the
 machine and the load (``--output`` also writes it). ``--phis`` instead
 measures the CG iterations of every preconditioner across packing fractions
-(the approach to jamming, phi_J ~ 0.84 in 2D) at one size. Prints JSON.
+(the approach to jamming, phi_J ~ 0.84 in 2D) at one size. ``--device gpu``
+runs on the GPU (wall time is then what counts; without a GPU it says what it
+would measure). Prints JSON.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ PRECONDITIONERS: dict[str, Callable[[mdsens.System, jax.Array], Any]] = {
     "none": lambda system, x: None,
     "jacobi": lambda system, x: mdsens.Jacobi(system.hessian_diagonal(x)),
     "block_jacobi": lambda system, x: BlockJacobi(system.hessian_blocks(x)),
+    "two_level": lambda system, x: system.two_level_preconditioner(x),
 }
 
 
@@ -286,10 +291,24 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000])
     parser.add_argument("--dim3", type=int, nargs="*", default=[], help="3D sizes to add to the sweep")
     parser.add_argument("--phis", type=float, nargs="*", help="jamming sweep at --n (default 1000) instead")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
     neighbor_list = {"auto": None, "on": True, "off": False}[args.neighbor_list]
     names = args.preconditioners
+    if args.device == "gpu":
+        try:
+            jax.config.update("jax_default_device", jax.devices("gpu")[0])
+        except RuntimeError:
+            sizes = (
+                [(n, 2) for n in args.sizes] + [(n, 3) for n in args.dim3] if args.n is None else [(args.n, args.dim)]
+            )
+            print(
+                f"bench_scale: no GPU found. With one, it would relax and differentiate (N, dim) = {sizes} "
+                f"on the GPU with preconditioners {names} (wall time, block_until_ready; CPU time then "
+                "measures the host only)."
+            )
+            return
 
     report: Any
     if args.phis:
@@ -305,7 +324,8 @@ def main() -> None:
         for n, dim in runs:
             command = [sys.executable, __file__, "--n", str(n), "--dim", str(dim), "--seed", str(args.seed)]
             command += ["--neighbor-list", args.neighbor_list, "--max-steps", str(args.max_steps)]
-            command += ["--preconditioners", *names] + (["--relax-twice"] if args.relax_twice else [])
+            command += ["--preconditioners", *names, "--device", args.device]
+            command += ["--relax-twice"] if args.relax_twice else []
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 results.append({"n": n, "dim": dim, "error": done.stderr[-2000:]})

@@ -1,11 +1,14 @@
 """The scripts are thin command lines over package functions: no script imports
-another, and the figure command line passes its options on and prints JSON."""
+another, the figure command line passes its options on and prints JSON, and the
+benchmarks asked for a GPU that is missing say what they would measure."""
 
 from __future__ import annotations
 
 import ast
 import json
 import pathlib
+import subprocess
+import sys
 import types
 
 import pytest
@@ -48,3 +51,16 @@ def test_figure_command_line(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out) == {"size": "small", "data": "default.csv"}
     with pytest.raises(SystemExit):
         command_line.main(figure, options, argv=["--size", "huge"])
+
+
+@pytest.mark.parametrize("script", ["bench_scale.py", "bench_relax_peers.py"])
+def test_benchmarks_say_what_they_would_measure_on_a_missing_gpu(script: str) -> None:
+    """``--device gpu`` without a GPU: the sizes it would run, and no measurement."""
+    import jax
+
+    if any(device.platform == "gpu" for device in jax.devices()):
+        pytest.skip("a GPU is present: the benchmark would run")
+    command = [sys.executable, str(SCRIPTS / script), "--device", "gpu", "--sizes", "1000", "100000"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no GPU found" in done.stdout and "100000" in done.stdout

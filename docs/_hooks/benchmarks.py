@@ -131,20 +131,34 @@ def relax_peers(path: str, data: dict[str, Any]) -> str:
     )
 
 
-def preconditioners(path: str, data: list[dict[str, Any]]) -> str:
+#: The preconditioners of ``scripts/bench_scale.py``, in its order: JSON key, column.
+PRECONDITIONERS = [
+    ("none", "CG: none"),
+    ("jacobi", "Jacobi"),
+    ("block_jacobi", "block Jacobi"),
+    ("two_level", "two-level"),
+]
+
+
+def iterations(solves: dict[str, Any]) -> list[Any]:
+    """CG iterations of each preconditioner ("—" where the run did not measure it)."""
+    return [solves[key]["cg_iterations"] if key in solves else "—" for key, _ in PRECONDITIONERS]
+
+
+def preconditioners(path: str, data: dict[str, Any]) -> str:
     """``scripts/bench_scale.py --phis``: CG iterations per size and packing fraction."""
     rows = []
-    for r in data:
-        iterations = [r["cg_iterations"], r["jacobi_cg_iterations"], r["block_jacobi_cg_iterations"]]
-        difference = f"{max(r['max_rel_diff'], r['block_max_rel_diff']):.1e}"
-        rows.append([r["n"], r["phi"], r["relax_steps"], *iterations, difference, loads(r["load"])])
-    header = ["N", "φ", "FIRE steps", "CG: none", "Jacobi", "block Jacobi", "largest rel. difference", "load average"]
+    for r in data["results"]:
+        difference = f"{max(solve['max_rel_diff'] for solve in r['solves'].values()):.1e}"
+        rows.append([r["n"], r["phi"], r["relax_steps"], *iterations(r["solves"]), difference, loads(r["load"])])
+    header = ["N", "φ", "FIRE steps", *(name for _, name in PRECONDITIONERS)]
+    header += ["largest rel. difference", "load average"]
     return "\n\n".join(
         [
             caption(
                 path,
-                machine=None,
-                date=None,
+                machine=data.get("machine"),
+                date=data.get("date"),
                 **{"CPU and wall time": "not measured (iteration counts only)", "load average": "per row"},
             ),
             table(header, rows),
@@ -160,13 +174,12 @@ def scale(path: str, data: dict[str, Any]) -> str:
         share = r["sensitivity_share"]
         best = r["solves"][share["preconditioner"]]
         relax = r.get("relax_warm", r["relax"])
-        iterations = [r["solves"][name]["cg_iterations"] for name in ("none", "jacobi", "block_jacobi")]
         e = r["eval_ms"]
         costs = [e["force"]["cpu_ms"], e["hvp"]["cpu_ms"], e["hvp_linearized"]["cpu_ms"]]
         sensitivity = [share["preconditioner"], best["warm"]["cpu_s"], f"{100 * share['warm_over_relax_cpu']:.1f}%"]
-        rows.append([r["n"], r["relax_steps"], relax["cpu_s"], *iterations, *sensitivity, *costs])
+        rows.append([r["n"], r["relax_steps"], relax["cpu_s"], *iterations(r["solves"]), *sensitivity, *costs])
         rows[-1] += [r["peak_rss_mb"], loads(r["load_before"])]
-    header = ["N", "FIRE steps", "relax CPU s", "CG: none", "Jacobi", "block Jacobi", "fastest", "sensitivity CPU s"]
+    header = ["N", "FIRE steps", "relax CPU s", *(name for _, name in PRECONDITIONERS), "fastest", "sensitivity CPU s"]
     header += ["share", "force CPU ms", "HVP CPU ms", "HVP linearised CPU ms", "peak MB", "load average"]
     return "\n\n".join(
         [
@@ -241,10 +254,8 @@ RENDERERS: dict[str, Callable[[str, Any], str]] = {
 
 def kind(data: Any) -> str:
     """The format of a benchmark JSON: a key of :data:`RENDERERS`."""
-    if isinstance(data, dict) and data.get("benchmark") in ("sensitivity", "relax_peers", "scale"):
+    if isinstance(data, dict) and data.get("benchmark") in RENDERERS:
         return data["benchmark"]
-    if isinstance(data, list) and data and all("jacobi_cg_iterations" in row for row in data):
-        return "preconditioners"
     if isinstance(data, dict) and {"workload", "ratios"} <= data.keys():
         return "study"
     raise ValueError(f"no renderer for this benchmark JSON (keys: {list(data)[:8]})")

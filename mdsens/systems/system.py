@@ -12,6 +12,8 @@ import numpy as np
 
 from mdsens._checks import as_float64, check_finite, check_params, check_positions, is_concrete, require_x64
 from mdsens._values import positive_float
+from mdsens.coarse_space import two_level
+from mdsens.linear_solve import TwoLevel
 from mdsens.systems.energy import Energy, EnergyFn, FunctionEnergy, as_energy
 from mdsens.systems.space import check_min_image
 
@@ -153,16 +155,20 @@ class System:
             self._check_range(params, name)
         return params
 
+    def box_at(self, params: Any) -> Array | None:
+        """The periodic box at ``params``: ``params["box"]`` if they hold one (the
+        builders' systems), else :attr:`box` (None in free space)."""
+        return params["box"] if isinstance(params, dict) and "box" in params else self.box
+
     def _check_range(self, params: Any, name: str) -> None:
         """Concrete parameters must keep the interaction range within half the
         periodic box (``params["box"]`` for the builders' systems)."""
         if self.interaction_range is None or self.box is None:
             return
-        in_params = isinstance(params, dict) and "box" in params
-        box = params["box"] if in_params else self.box
+        box = self.box_at(params)
         reach = self.interaction_range(params)
         if is_concrete(box) and is_concrete(reach):
-            box_name = f"{name}['box']" if in_params else "box"
+            box_name = f"{name}['box']" if isinstance(params, dict) and "box" in params else "box"
             check_min_image(box, float(reach), box_name, "use a larger box or parameters of shorter range")
 
     def check_positions(self, positions: Any, name: str = "positions") -> Array:
@@ -208,3 +214,17 @@ class System:
         O(N) for neighbor lists."""
         positions, params = self.inputs(positions, params)
         return self.energy.hessian_blocks(positions, params)
+
+    def two_level_preconditioner(
+        self, positions: Any = None, params: Any = None, *, cells: int | None = None
+    ) -> TwoLevel:
+        """A :class:`mdsens.linear_solve.TwoLevel` preconditioner of the Hessian at
+        ``positions``: block Jacobi (:meth:`hessian_blocks`) plus the rigid
+        translations of aggregates, the particles of each cell of a grid over
+        the box (or, in free space, over the positions' bounding box). The grid
+        has about ``1.5 sqrt(N)`` cells (or ``cells`` per axis), each at
+        least twice :attr:`interaction_range` wide, which the system must
+        therefore know. Costs the blocks plus ``3^dim dim`` Hessian-vector
+        products; host only (concrete inputs). See :mod:`mdsens.coarse_space`."""
+        positions, params = self.inputs(positions, params)
+        return two_level(self, positions, params, cells)
