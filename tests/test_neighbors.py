@@ -222,6 +222,27 @@ def test_overflow_is_reallocated_on_the_host(lattice) -> None:
     np.testing.assert_array_equal(public.positions, result.positions)
 
 
+def test_trimming_the_list_changes_no_bit_of_the_relaxation(monkeypatch) -> None:
+    """relax_on_host trims the list's spare capacity after SETTLE_STEPS steps: the
+    trimmed list holds the same pairs in the same order (a prefix), so the
+    relaxation is bitwise the one with the untrimmed list, in fewer slots."""
+    s = packing(400, True, seed=3)
+    minimiser = FIRE(dt_max=s.dt_max)
+    trimmed, trimmed_list, _ = relax_on_host(s.energy, minimiser, s.positions, s.params)
+    assert bool(trimmed.converged) and int(trimmed.n_steps) > mdsens.relaxation.SETTLE_STEPS
+    monkeypatch.setattr(mdsens.relaxation, "SETTLE_STEPS", 10**9)  # trimmed only after the end
+    untrimmed, _, _ = relax_on_host(s.energy, minimiser, s.positions, s.params)
+    np.testing.assert_array_equal(trimmed.positions, untrimmed.positions)
+    assert int(trimmed.n_steps) == int(untrimmed.n_steps)
+    start = s.energy.allocate(s.positions, s.params)
+    assert trimmed_list.capacity < start.capacity
+    # Trimming keeps a prefix: the pairs fill the first slots.
+    cut = s.energy.trim(start)
+    assert int(jnp.sum(cut.mask)) == int(jnp.sum(start.mask)) and cut.capacity <= start.capacity
+    for name in ("i", "j", "mask"):
+        np.testing.assert_array_equal(getattr(cut, name), getattr(start, name)[: cut.capacity])
+
+
 def test_overflow_under_jit_is_flagged_not_wrong(lattice) -> None:
     s, x, tight = lattice["system"], lattice["x"], lattice["tight"]
     tight_system = s.replace(energy=tight)

@@ -142,6 +142,12 @@ class NeighborListEnergy:
         """Whether ``aux`` holds every interacting pair (no flag set)."""
         return aux.flags == 0
 
+    def trim(self, aux: Neighbors) -> Neighbors:
+        """``aux`` with pair capacity ``capacity_multiplier`` times the pairs it
+        holds, if that is smaller (host only): the same pairs in the same order,
+        so forces do not change by a bit; later rebuilds keep the new capacity."""
+        return lists.trim(aux, self.capacity_multiplier)
+
     def freeze(self, positions: Array, params: Params) -> Neighbors:
         """A list for one state that does not move (host only): no skin and no
         spare pair capacity (beyond rounding), just the pairs within the interaction

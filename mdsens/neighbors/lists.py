@@ -311,6 +311,19 @@ def allocate(
     return Neighbors(pairs, i, j, mask, jnp.asarray(positions), flags, jnp.zeros((), jnp.int32), cutoff, _box_key(box))
 
 
+def trim(neighbors: Neighbors, capacity_multiplier: float) -> Neighbors:
+    """``neighbors`` with pair capacity ``capacity_multiplier`` times the pairs it
+    holds (rounded up, :func:`_round_capacity`), if that is smaller (host only).
+    Its pairs fill the first slots (:func:`_compact`), so it keeps them, in
+    their order, with their reference positions and cell list."""
+    capacity = _round_capacity(int(int(jnp.sum(neighbors.mask)) * capacity_multiplier))
+    if capacity >= neighbors.capacity:
+        return neighbors
+    pairs = dataclasses.replace(neighbors.pairs, idx=neighbors.pairs.idx[:, :capacity], max_occupancy=capacity)
+    i, j, mask = (a[:capacity] for a in (neighbors.i, neighbors.j, neighbors.mask))
+    return dataclasses.replace(neighbors, pairs=pairs, i=i, j=j, mask=mask)
+
+
 def static_template(neighbors: Neighbors) -> Neighbors:
     """``neighbors`` with only its static parts (capacities, cell list, update
     function, cutoff, box): what :func:`build` needs, without array constants

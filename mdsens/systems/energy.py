@@ -14,8 +14,10 @@ None):
 - ``bind(aux) -> energy_fn(positions, params)``: the energy with ``aux``
   frozen (NaN, with NaN derivatives, when ``aux`` is invalid);
 
-plus ``freeze(positions, params) -> aux`` (on the host: the tightest ``aux``
-exact for derivatives at one state), ``hessian_blocks(positions, params)`` and
+plus ``trim(aux) -> aux`` (on the host: ``aux`` without the spare capacity
+its contents do not need, its terms in the same order), ``freeze(positions,
+params) -> aux`` (on the host: the tightest ``aux`` exact for derivatives at
+one state), ``hessian_blocks(positions, params)`` and
 ``hessian_diagonal(positions, params)`` (the Hessian's per-particle diagonal
 blocks and its diagonal, for preconditioners) and ``diagnostics(aux) -> dict``.
 No caller branches on the energy's type.
@@ -47,6 +49,8 @@ class Energy(Protocol):
     def valid(self, aux: Any) -> Array: ...
 
     def bind(self, aux: Any) -> EnergyFn: ...
+
+    def trim(self, aux: Any) -> Any: ...
 
     def freeze(self, positions: Array, params: Any) -> Any: ...
 
@@ -82,6 +86,9 @@ class FunctionEnergy:
 
     def bind(self, aux: None) -> EnergyFn:
         return self.fn
+
+    def trim(self, aux: None) -> None:
+        return None
 
     def freeze(self, positions: Array, params: Any) -> None:
         return None
