@@ -164,6 +164,10 @@ def _relax_compiled(energy: Energy, minimiser: Minimiser, positions: Array, para
 #: for the start, 31559 pairs at the minimum), and every slot costs as much
 #: as a pair in every force evaluation.
 SETTLE_STEPS = 200
+#: Only states of this capacity or more (``energy.diagnostics(aux)["capacity"]``,
+#: the pair slots of a neighbor list) are trimmed: trimming compiles the loop a
+#: second time, seconds that only long relaxations (N ~ 1e5) win back.
+TRIM_MIN_CAPACITY = 2**17
 
 
 @jax.jit(static_argnums=0)
@@ -188,10 +192,11 @@ def relax_on_host(energy: Energy, minimiser: Minimiser, positions: Array, params
     """Relaxation with concrete arrays: ``aux`` allocated on the host and, whenever
     a step would have used an invalid one (capacity overflow), reallocated at
     the last good state with more room, up to ``MAX_REALLOCATIONS`` times.
-    After :data:`SETTLE_STEPS` steps, ``aux``'s spare capacity is trimmed once.
+    After :data:`SETTLE_STEPS` steps, the spare capacity of an ``aux`` of at
+    least :data:`TRIM_MIN_CAPACITY` pair slots is trimmed once.
     Returns the result, ``aux`` at its positions and the number of reallocations."""
     aux = energy.allocate(positions, params)
-    if aux is None:  # no state to trim: one compiled loop
+    if energy.diagnostics(aux).get("capacity", 0) < TRIM_MIN_CAPACITY:  # not worth a second compilation
         (result, aux), state = _relax_compiled(energy, minimiser, positions, params, aux, False)
     else:
         state = _settle(energy, minimiser, positions, params, aux, SETTLE_STEPS)

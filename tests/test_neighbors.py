@@ -223,10 +223,11 @@ def test_overflow_is_reallocated_on_the_host(lattice) -> None:
 
 
 def test_trimming_the_list_changes_no_bit_of_the_relaxation(monkeypatch) -> None:
-    """relax_on_host trims the list's spare capacity after SETTLE_STEPS steps: the
+    """relax_on_host trims a large list's spare capacity after SETTLE_STEPS steps: the
     trimmed list holds the same pairs in the same order (a prefix), so the
     relaxation is bitwise the one with the untrimmed list, in fewer slots."""
     s = packing(400, True, seed=3)
+    monkeypatch.setattr(mdsens.relaxation, "TRIM_MIN_CAPACITY", 0)  # trimmed at this small size too
     minimiser = FIRE(dt_max=s.dt_max)
     trimmed, trimmed_list, _ = relax_on_host(s.energy, minimiser, s.positions, s.params)
     assert bool(trimmed.converged) and int(trimmed.n_steps) > mdsens.relaxation.SETTLE_STEPS
