@@ -134,7 +134,10 @@ def outcome(energy: Energy, minimiser: Minimiser, params: Any, state: Any) -> tu
     A state that reached the force tolerance is certified: its lowest curvature
     (zero modes projected out) must not be negative."""
     x = state.positions
-    aux = energy.update(state.aux, x, params)
+    # Every state's aux is at its positions already (built there, or updated by the
+    # step that reached them; an invalid one stays invalid): no update, which would
+    # compile the list rebuild a second time.
+    aux = state.aux
     valid = energy.valid(aux)
     energy_fn = energy.bind(aux)
     e = energy_fn(x, params)

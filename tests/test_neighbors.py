@@ -235,6 +235,11 @@ def test_trimming_the_list_changes_no_bit_of_the_relaxation(monkeypatch) -> None
     untrimmed, _, _ = relax_on_host(s.energy, minimiser, s.positions, s.params)
     np.testing.assert_array_equal(trimmed.positions, untrimmed.positions)
     assert int(trimmed.n_steps) == int(untrimmed.n_steps)
+    # The list a relaxation returns is the one at its positions (outcome takes it
+    # without an update): updating it there changes nothing.
+    updated = s.energy.update(trimmed_list, trimmed.positions, s.params)
+    for name in ("i", "j", "mask", "reference", "flags", "rebuilds"):
+        np.testing.assert_array_equal(getattr(updated, name), getattr(trimmed_list, name))
     start = s.energy.allocate(s.positions, s.params)
     assert trimmed_list.capacity < start.capacity
     # Trimming keeps a prefix: the pairs fill the first slots.

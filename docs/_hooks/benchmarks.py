@@ -124,6 +124,8 @@ def relax_peers(path: str, data: dict[str, Any]) -> str:
                 **{"load average": loads(data["load_average"]) if "load_average" in data else None},
                 system=data.get("system"),
                 fmax=data.get("fmax"),
+                # Runs before --lammps-styles ran both.
+                **{"LAMMPS min_styles": ", ".join(data.get("lammps_styles", ["fire", "cg"]))},
                 **{"CPU and wall time": "per run, in the table (time.process_time, perf_counter)"},
             ),
             table(header, rows),
