@@ -282,7 +282,7 @@ def main() -> None:
         nargs="+",
         default=["fire", "cg"],
         choices=["fire", "cg"],
-        help="LAMMPS min_styles to run (cg at N = 1e5 and fmax 1e-12 takes over 40 CPU minutes)",
+        help="LAMMPS min_styles to run (cg at N = 1e5 and fmax 1e-12 ran unfinished for over 40 CPU minutes)",
     )
     parser.add_argument("--fmax", type=float, default=1e-12)
     parser.add_argument("--max-steps", type=int, default=100_000)
